@@ -1,0 +1,29 @@
+"""Knowledge distillation for rosita_fast: reference loss terms, layer mappings, the combined
+:class:`KDLoss`, and helpers for the teacher forward pass and the method's quirks.
+"""
+
+from .kd_config import KDConfig
+from .kd_loss import REFERENCE_FUNCTIONS, KDLoss, KDLossOutput, LossFunctions
+from .layer_map import (
+    LayerMapError,
+    resolve_layer_map,
+    rosita_layer_map,
+    uniform_layer_map,
+)
+from .losses import (
+    attention_mse,
+    gold_label_loss,
+    hidden_mse,
+    kl_divergence,
+    logits_mse,
+    soft_cross_entropy,
+)
+from .quirks import ReluClassifierHandle, apply_relu_before_classifier
+from .teacher import teacher_forward
+
+__all__ = [
+    "REFERENCE_FUNCTIONS", "KDConfig", "KDLoss", "KDLossOutput", "LayerMapError", "LossFunctions",
+    "ReluClassifierHandle", "apply_relu_before_classifier", "attention_mse", "gold_label_loss",
+    "hidden_mse", "kl_divergence", "logits_mse", "resolve_layer_map", "rosita_layer_map",
+    "soft_cross_entropy", "teacher_forward", "uniform_layer_map",
+]

@@ -1,0 +1,218 @@
+"""The combined distillation objective, computed from Hugging Face model outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import losses
+from .kd_config import KDConfig
+from .layer_map import resolve_layer_map
+
+
+@dataclass(frozen=True)
+class LossFunctions:
+    """The per-term functions :class:`KDLoss` calls; a fused-kernel backend supplies its own.
+
+    Each has the signature of its namesake in :mod:`rosita_fast.distill.losses`.
+    """
+
+    soft_cross_entropy: Callable[..., torch.Tensor] = losses.soft_cross_entropy
+    kl_divergence: Callable[..., torch.Tensor] = losses.kl_divergence
+    logits_mse: Callable[..., torch.Tensor] = losses.logits_mse
+    hidden_mse: Callable[..., torch.Tensor] = losses.hidden_mse
+    attention_mse: Callable[..., torch.Tensor] = losses.attention_mse
+    gold_label_loss: Callable[..., torch.Tensor] = losses.gold_label_loss
+
+
+REFERENCE_FUNCTIONS = LossFunctions()
+
+
+@dataclass
+class KDLossOutput:
+    """Result of :class:`KDLoss`.
+
+    Attributes:
+        loss: the weighted total, to call ``backward()`` on.
+        terms: each active term *before* weighting, detached (``pred``, ``embedding``, ``hidden``,
+            ``attention``, ``gold``); ``hidden``/``attention`` are summed over mapped layers.
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _get(outputs: Any, name: str) -> Any:
+    if outputs is None:
+        return None
+    if isinstance(outputs, Mapping):  # ModelOutput is a Mapping; unset fields are simply absent
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+class KDLoss:
+    """Distillation loss of a student against a teacher (method 4.1), set up by :class:`KDConfig`.
+
+    Usage in a training step::
+
+        kd = KDLoss(KDConfig(hidden_weight=1.0))
+        s_out = student(**inputs, **kd.model_kwargs())
+        t_out = teacher_forward(teacher, inputs, kd)        # eval mode + no_grad by default
+        result = kd(s_out, t_out, attention_mask=inputs["attention_mask"], labels=labels)
+        result.loss.backward()
+
+    Args:
+        config: the terms and options; default: prediction distillation only.
+        functions: per-term implementations (default: the plain-PyTorch reference).
+    """
+
+    def __init__(self, config: KDConfig | None = None, *, functions: LossFunctions | None = None):
+        self.config = config or KDConfig()
+        self.fn = functions or REFERENCE_FUNCTIONS
+        # Resolved per (teacher, student) depth: the student's depth changes during depth pruning.
+        self._maps: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False only when the gold-label term is the sole active term."""
+        c = self.config
+        return bool(c.prediction_weight or c.hidden_weight or c.effective_embedding_weight
+                    or c.attention_weight)
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether models must run with ``output_hidden_states=True``."""
+        return bool(self.config.hidden_weight or self.config.effective_embedding_weight)
+
+    @property
+    def needs_attentions(self) -> bool:
+        """Whether models must run with ``output_attentions=True`` (and eager attention)."""
+        return bool(self.config.attention_weight)
+
+    def model_kwargs(self) -> dict[str, bool]:
+        """Keyword arguments for the student's and teacher's forward calls."""
+        return {"output_hidden_states": self.needs_hidden_states,
+                "output_attentions": self.needs_attentions}
+
+    def layer_pairs(self, n_teacher_layers: int, n_student_layers: int) -> list[tuple[int, int]]:
+        """``(student, teacher)`` hidden-state index pairs for these depths (cached)."""
+        key = (n_teacher_layers, n_student_layers)
+        if key not in self._maps:
+            self._maps[key] = resolve_layer_map(self.config.layer_map, *key)
+        return self._maps[key]
+
+    def __call__(
+        self,
+        student_outputs: Any,
+        teacher_outputs: Any = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> KDLossOutput:
+        """Compute the weighted loss.
+
+        Args:
+            student_outputs, teacher_outputs: model outputs (``ModelOutput`` or dict) with
+                ``logits`` and, as needed, ``hidden_states`` / ``attentions``.
+            attention_mask: ``(batch, seq)``; excludes padding from hidden/attention terms.
+            labels: gold labels, needed when ``gold_weight > 0``.
+
+        Raises:
+            ValueError: a needed output is missing, or teacher and student do not fit together.
+        """
+        c = self.config
+        terms: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+
+        def add(name: str, weight: float, value: torch.Tensor) -> None:
+            nonlocal total
+            terms[name] = value.detach()
+            total = weight * value if total is None else total + weight * value
+
+        if self.needs_teacher and teacher_outputs is None:
+            raise ValueError("this distillation config needs teacher outputs")
+        if c.prediction_weight:
+            add("pred", c.prediction_weight, self._prediction(student_outputs, teacher_outputs))
+        if self.needs_hidden_states:
+            embedding, hidden = self._hidden(student_outputs, teacher_outputs, attention_mask)
+            if c.effective_embedding_weight and embedding is not None:
+                add("embedding", c.effective_embedding_weight, embedding)
+            if c.hidden_weight and hidden is not None:
+                add("hidden", c.hidden_weight, hidden)
+        if c.attention_weight:
+            add("attention", c.attention_weight,
+                self._attention(student_outputs, teacher_outputs, attention_mask))
+        if c.gold_weight:
+            if labels is None:
+                raise ValueError("gold_weight > 0 needs labels")
+            add("gold", c.gold_weight, self.fn.gold_label_loss(_get(student_outputs, "logits"),
+                                                               labels))
+        if total is None:
+            raise ValueError("the layer mapping selects no hidden-state pair; nothing to compute")
+        return KDLossOutput(total, terms)
+
+    def _prediction(self, student: Any, teacher: Any) -> torch.Tensor:
+        s, t = _get(student, "logits"), _get(teacher, "logits")
+        if s is None or t is None:
+            raise ValueError("prediction distillation needs 'logits' from both models")
+        if s.shape != t.shape:
+            raise ValueError(f"student logits {tuple(s.shape)} and teacher logits "
+                             f"{tuple(t.shape)} differ; both models need the same label set")
+        c = self.config
+        if s.shape[-1] == 1:
+            return self.fn.logits_mse(s, t)
+        if c.prediction_loss == "kl":
+            return self.fn.kl_divergence(s, t, c.temperature, scale_by_t2=c.scale_by_t2)
+        return self.fn.soft_cross_entropy(s, t, c.temperature, scale_by_t2=c.scale_by_t2,
+                                          mean_over_classes=c.soft_ce_mean_over_classes)
+
+    def _hidden(
+        self, student: Any, teacher: Any, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        hs, ht = _get(student, "hidden_states"), _get(teacher, "hidden_states")
+        if not hs or not ht:
+            raise ValueError("hidden-state distillation needs 'hidden_states' from both models; "
+                             "call them with output_hidden_states=True (see KDLoss.model_kwargs)")
+        if hs[0].shape[-1] != ht[0].shape[-1]:
+            raise ValueError(f"student hidden size {hs[0].shape[-1]} != teacher hidden size "
+                             f"{ht[0].shape[-1]}; hidden-state distillation needs equal widths")
+        token_mask = None if self.config.hidden_include_padding else mask
+        embedding = hidden = None
+        for s_idx, t_idx in self.layer_pairs(len(ht) - 1, len(hs) - 1):
+            value = self.fn.hidden_mse(hs[s_idx], ht[t_idx], token_mask)
+            if s_idx == 0:
+                embedding = value
+            else:
+                hidden = value if hidden is None else hidden + value
+        return embedding, hidden
+
+    def _attention(self, student: Any, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        a_s, a_t = _get(student, "attentions"), _get(teacher, "attentions")
+        if not a_s or not a_t:
+            raise ValueError(
+                "attention distillation needs 'attentions' from both models; call them with "
+                "output_attentions=True and load them with attn_implementation='eager' "
+                "(SDPA/flash attention do not return attention maps)"
+            )
+        total: torch.Tensor | None = None
+        for s_idx, t_idx in self.layer_pairs(len(a_t), len(a_s)):
+            if s_idx == 0 or t_idx == 0:
+                continue  # index 0 is the embedding output, which has no attention map
+            s_map, t_map = a_s[s_idx - 1], a_t[t_idx - 1]
+            if s_map.shape[1] != t_map.shape[1]:
+                if not self.config.attention_average_heads:
+                    raise ValueError(
+                        f"student layer {s_idx} has {s_map.shape[1]} heads, teacher layer {t_idx} "
+                        f"{t_map.shape[1]}; set attention_average_heads=True to compare "
+                        "head-averaged maps"
+                    )
+            if self.config.attention_average_heads:
+                s_map, t_map = s_map.mean(1, keepdim=True), t_map.mean(1, keepdim=True)
+            value = self.fn.attention_mse(s_map, t_map, mask)
+            total = value if total is None else total + value
+        if total is None:
+            raise ValueError("the layer mapping pairs no transformer layers for attention")
+        return total

@@ -1,0 +1,195 @@
+"""lowrank_linear: every runnable backend against a float64 reference, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_harness import DTYPES, TOLERANCE, assert_close, rand, runnable_backends
+
+import rosita_fast
+from rosita_fast import ops, reference
+from rosita_fast.testing import poison_outputs
+
+BACKENDS = runnable_backends("lowrank_linear")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
+# (leading dims, in, out, rank): odd sizes; ranks covering every Triton rank tile (32..256).
+SHAPES = [
+    ((3,), 17, 23, 5),
+    ((2, 5), 33, 20, 7),
+    ((37,), 64, 96, 48),
+    ((2, 3), 130, 150, 100),
+    ((19,), 300, 260, 200),
+]
+
+
+def _inputs(lead, k, n, r, dtype, bias, contiguous=True, requires_grad=False):
+    # Scale the factors so activations see values of order 1 (the GELU/ReLU kinks matter).
+    x = rand(*lead, k, dtype=dtype, contiguous=contiguous)
+    u = rand(n, r, dtype=dtype, scale=r**-0.5)
+    v = rand(r, k, dtype=dtype, contiguous=contiguous, scale=k**-0.5)
+    b = rand(n, dtype=dtype) if bias else None
+    tensors = [x, u, v] + ([b] if bias else [])
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return x, u, v, b
+
+
+def _reference64(x, u, v, b, act):
+    args = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, u, v, b)]
+    out = reference.lowrank_linear_forward(*args, act)
+    return out, args
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_backward(backend, dtype, shape, act, bias, seed):
+    lead, k, n, r = shape
+    contiguous = (seed % 2) == 0  # half the runs on strided views
+    x, u, v, b = _inputs(lead, k, n, r, dtype, bias, contiguous, requires_grad=True)
+    with rosita_fast.use_backend(backend), poison_outputs():
+        out = ops.lowrank_linear(x, u, v, b, act)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [t for t in (x, u, v, b) if t is not None], grad_out)
+    ref, args64 = _reference64(x, u, v, b, act)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, f"{backend} forward")
+    ref_grads = torch.autograd.grad(ref, [a for a in args64 if a is not None], grad_out.double())
+    for name, g, rg in zip("x u v bias".split(), grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g, rg, dtype, f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "triton"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gradcheck_float64(backend, act, seed):
+    x, u, v, b = _inputs((2, 3), 9, 7, 4, torch.float64, True, requires_grad=True)
+    if act == "relu":
+        # Keep pre-activations away from the kink, where finite differences are meaningless.
+        with torch.no_grad():
+            b.add_(torch.sign(b) * 3)
+    with rosita_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.lowrank_linear(*a, activation=act), (x, u, v, b), eps=1e-6, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, seed):
+    x = rand(0, 12).requires_grad_(True)
+    u, v = rand(10, 4).requires_grad_(True), rand(4, 12).requires_grad_(True)
+    b = rand(10).requires_grad_(True)
+    with rosita_fast.use_backend(backend):
+        out = ops.lowrank_linear(x, u, v, b, "gelu")
+        assert out.shape == (0, 10)
+        dx, du, dv, db = torch.autograd.grad(out.sum(), (x, u, v, b))
+    assert dx.shape == (0, 12)
+    # No rows: every parameter gradient is exactly zero.
+    for g in (du, dv, db):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_nan_propagates(backend, act, seed):
+    x, u, v, b = _inputs((6,), 20, 16, 8, torch.float32, True)
+    x[2, 5] = float("nan")
+    with rosita_fast.use_backend(backend):
+        out = ops.lowrank_linear(x, u, v, b, act)
+    assert torch.isnan(out[2]).all(), "a NaN input must poison its whole output row"
+    finite = torch.cat([out[:2], out[3:]])
+    assert torch.isfinite(finite).all(), "NaN must not leak into other rows"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_two_linears(backend, seed):
+    # Independent of the reference module: two nn.Linear layers are the same computation.
+    lin_v = torch.nn.Linear(24, 6, bias=False)
+    lin_u = torch.nn.Linear(6, 30)
+    x = rand(4, 5, 24)
+    with rosita_fast.use_backend(backend):
+        out = ops.lowrank_linear(x, lin_u.weight, lin_v.weight, lin_u.bias, "gelu")
+    expected = torch.nn.functional.gelu(lin_u(lin_v(x)))
+    assert_close(out, expected, torch.float32, backend)
+
+
+def test_torch_compile_fullgraph(seed):
+    model = torch.nn.Sequential(
+        rosita_fast.LowRankLinear(32, 48, 8, activation="gelu"),
+        rosita_fast.LowRankLinear(48, 16, 8),
+    )
+    x = rand(5, 32)
+    expected = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    assert_close(out, expected, torch.float32, "compiled forward")
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected.sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        assert_close(g, p.grad, torch.float32, "compiled backward")
+
+
+def test_opcheck(seed):
+    # Schema, fake tensor kernel, autograd registration and dispatcher consistency.
+    x, u, v, b = _inputs((3, 4), 10, 9, 5, torch.float32, True, requires_grad=True)
+    for act in ACTIVATIONS:
+        torch.library.opcheck(torch.ops.rosita_fast.lowrank_linear.default, (x, u, v, b, act))
+        torch.library.opcheck(torch.ops.rosita_fast.lowrank_linear.default, (x, u, v, None, act))
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x, self.u, self.v = rand(4, 10), rand(8, 3), rand(3, 10)
+
+    def test_feature_mismatch_names_x(self):
+        with pytest.raises(ValueError, match="x has 11 features"):
+            ops.lowrank_linear(rand(4, 11), self.u, self.v)
+
+    def test_rank_mismatch_names_u_and_v(self):
+        with pytest.raises(ValueError, match="u.shape\\[1\\] must equal v.shape\\[0\\]"):
+            ops.lowrank_linear(self.x, rand(8, 4), self.v)
+
+    def test_rank_above_min_dim(self):
+        with pytest.raises(ValueError, match="exceeds min"):
+            ops.lowrank_linear(rand(2, 4), rand(6, 5), rand(5, 4))
+
+    def test_dtype_mismatch_names_argument(self):
+        with pytest.raises(TypeError, match="v has dtype torch.float16"):
+            ops.lowrank_linear(self.x, self.u, self.v.half())
+        with pytest.raises(TypeError, match="bias has dtype torch.float64"):
+            ops.lowrank_linear(self.x, self.u, self.v, rand(8, dtype=torch.float64))
+
+    def test_device_mismatch_names_argument(self):
+        with pytest.raises(ValueError, match="u is on meta"):
+            ops.lowrank_linear(self.x, self.u.to("meta"), self.v)
+
+    def test_bias_shape(self):
+        with pytest.raises(ValueError, match="bias must have shape \\(8,\\)"):
+            ops.lowrank_linear(self.x, self.u, self.v, rand(9))
+
+    def test_unknown_activation(self):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            ops.lowrank_linear(self.x, self.u, self.v, activation="swish")
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="x has dtype torch.int64"):
+            ops.lowrank_linear(self.x.long(), self.u, self.v)
+
+    def test_triton_rejects_float64_and_large_rank(self):
+        if "triton" not in rosita_fast.available_backends():
+            pytest.skip("triton backend not available")
+        with rosita_fast.use_backend("triton"):
+            with pytest.raises(TypeError, match="float64"):
+                ops.lowrank_linear(self.x.double(), self.u.double(), self.v.double())
+            with pytest.raises(ValueError, match="rank <= 256"):
+                ops.lowrank_linear(rand(2, 300), rand(300, 260), rand(260, 300))
+
+
+def test_tolerances_are_meaningful():
+    # Guard the harness itself: an fp16 result must not pass at fp32 tolerance by accident.
+    ref = torch.randn(64, 64, dtype=torch.float64)
+    assert (ref.half().double() - ref).norm() / ref.norm() > TOLERANCE[torch.float32]
