@@ -10,9 +10,9 @@ the recompute stays small next to the second product).
 Backward: the row-local chain is fused in one kernel per row block: recompute ``h``, then for each
 output-column block ``z = h @ u^T + b``, ``dz = grad * act'(z)``, ``g += dz @ u``; finally
 ``dx = g @ v``. The reductions over rows (``du = dz^T h``, ``dv = g^T x``, ``dbias = sum dz``) are
-composed from torch matmuls on the ``h``, ``g`` and ``dz`` buffers the kernel writes: a fused version
-would need a cross-program reduction (atomics or a second pass) and gains little over one large
-GEMM each.
+composed from torch matmuls on the ``h``, ``g`` and ``dz`` buffers the kernel writes: a fused
+version would need a cross-program reduction (atomics or a second pass) and gains little over one
+large GEMM each.
 
 Loads are upcast to fp32 right after loading (the Triton CPU interpreter computes bf16 arithmetic
 wrongly, and fp32 math is what the GPU tensor cores accumulate in anyway); products use TF32 tensor
@@ -218,9 +218,9 @@ FWD_CONFIGS: dict[int, TileConfig] = {
     32: TileConfig(64, 64, 64, 4, 3),
     64: TileConfig(64, 64, 32, 4, 3),
     128: TileConfig(64, 64, 32, 8, 2),
-    256: TileConfig(64, 32, 32, 8, 2),
+    256: TileConfig(32, 64, 32, 8, 2),
 }
-# The backward keeps two [BLOCK_M, BLOCK_R] accumulators (h and g) live, so large ranks use fewer rows.
+# The backward keeps two [BLOCK_M, BLOCK_R] accumulators (h and g) live: large ranks use fewer rows.
 BWD_CONFIGS: dict[int, TileConfig] = {
     32: TileConfig(64, 64, 64, 4, 2),
     64: TileConfig(64, 64, 32, 4, 2),

@@ -32,12 +32,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "ImportanceTracker",
+    "PruningSchedule",
     "LowRankConfig",
     "LowRankLinear",
     "SwapConfig",
     "SwapReport",
     "available_backends",
+    "compress",
+    "count_parameters",
+    "models",
     "ops",
+    "prune_",
+    "prune_vocabulary_",
+    "summary",
     "swap_",
     "use_backend",
 ]

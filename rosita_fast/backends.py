@@ -8,10 +8,10 @@ Every op in ``rosita_fast.ops`` has up to four implementations:
   ``TRITON_INTERPRET=1`` (that is how the test suite runs every Triton kernel without a GPU).
 - ``cuda``: the CUDA C++ kernels of ``rosita_fast._C_cuda``.
 
-Defaults: CPU tensors use ``cpp`` (``reference`` when the C++ extension is missing, announced once at
-import); CUDA tensors use ``triton`` (an op may document per-case exceptions, e.g. a rank the Triton
-kernel does not tile). ``use_backend(name)`` forces one backend; forcing one that cannot run the
-call raises instead of falling back.
+Defaults: CPU tensors use ``cpp`` (``reference`` when the C++ extension is missing, announced once
+at import); CUDA tensors use ``triton`` (an op may document per-case exceptions, e.g. a rank the
+Triton kernel does not tile). ``use_backend(name)`` forces one backend; forcing one that cannot
+run the call raises instead of falling back.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def _device_reason(name: str, device: torch.device) -> str | None:
         return "the cuda backend runs on CUDA tensors only"
     if name == "triton" and device.type != "cuda":
         if device.type != "cpu" or not triton_interpreting():
-            return "the triton backend runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1"
+            return (
+                "the triton backend runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1"
+            )
     return _unavailable_reason(name)
 
 

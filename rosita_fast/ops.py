@@ -168,8 +168,9 @@ def lowrank_linear(
         bias: optional ``[out_features]``.
         activation: ``"none"``, ``"relu"``, ``"gelu"`` (erf form) or ``"gelu_tanh"``.
 
-    Returns ``[..., out_features]`` in ``x``'s dtype. fp16/bf16 accumulate in fp32. The rank must not
-    exceed ``min(in_features, out_features)`` (a larger one only costs more than the dense layer).
+    Returns ``[..., out_features]`` in ``x``'s dtype. fp16/bf16 accumulate in fp32. The rank must
+    not exceed ``min(in_features, out_features)`` (a larger one only costs more than the dense
+    layer).
 
     Backends (``rosita_fast.use_backend``): ``cpp`` (CPU default; row-blocked, OpenMP, bias and
     activation fused while the block is in cache), ``triton`` (CUDA default for rank <= 256;
@@ -186,7 +187,9 @@ def lowrank_linear(
     if x.dim() < 1:
         raise ValueError("lowrank_linear: x must have at least one dimension [..., in_features]")
     if u.dim() != 2:
-        raise ValueError(f"lowrank_linear: u must be 2-D [out_features, rank], got {tuple(u.shape)}")
+        raise ValueError(
+            f"lowrank_linear: u must be 2-D [out_features, rank], got {tuple(u.shape)}"
+        )
     if v.dim() != 2:
         raise ValueError(f"lowrank_linear: v must be 2-D [rank, in_features], got {tuple(v.shape)}")
     if x.shape[-1] != v.shape[1]:
@@ -202,7 +205,8 @@ def lowrank_linear(
     rank, out_f, in_f = v.shape[0], u.shape[0], v.shape[1]
     if rank > min(in_f, out_f):
         raise ValueError(
-            f"lowrank_linear: rank {rank} exceeds min(in_features, out_features) = {min(in_f, out_f)}"
+            f"lowrank_linear: rank {rank} exceeds min(in_features, out_features) = "
+            f"{min(in_f, out_f)}"
         )
     for name, t in (("u", u), ("v", v)):
         if t.dtype != x.dtype:

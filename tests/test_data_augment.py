@@ -81,6 +81,8 @@ def test_candidates_come_from_the_mlm_top_k(subs, mlm, tokenizer):
         mlm(**tokenizer(" ".join(words), return_tensors="pt")).logits[0].topk(200, -1).indices
         .flatten().tolist())
     assert any(t.startswith("##") for t in raw)
+    full = MlmSubstitutes(mlm, tokenizer, top_k=15, head_at_mask_only=False)
+    assert full.candidates([(words, positions)]) == [cands]
 
 
 def test_word_vectors_replace_the_mlm_for_multi_piece_words(mlm, tokenizer):

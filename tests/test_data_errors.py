@@ -18,6 +18,7 @@ from rosita_fast.data import (
     get_task,
     load_examples,
     read_glue_tsv,
+    task_names,
     write_glue_tsv,
 )
 
@@ -34,6 +35,7 @@ def test_unknown_task_lists_the_known_ones():
     for name in ("cola", "sst-2", "mrpc", "sts-b", "qqp", "mnli", "mnli-mm", "qnli", "rte"):
         assert name in str(err.value)
     assert get_task("SST2") is get_task("sst_2") is get_task("sst-2")
+    assert len({get_task(name) for name in task_names()}) == len(task_names())  # hashable
 
 
 def test_missing_directory_and_missing_split_file(tmp_path):

@@ -35,7 +35,9 @@ def _inputs(lead, k, n, r, dtype, bias, contiguous=True, requires_grad=False):
 
 
 def _reference64(x, u, v, b, act):
-    args = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, u, v, b)]
+    args = [
+        t.detach().double().requires_grad_(True) if t is not None else None for t in (x, u, v, b)
+    ]
     out = reference.lowrank_linear_forward(*args, act)
     return out, args
 
@@ -57,7 +59,7 @@ def test_forward_backward(backend, dtype, shape, act, bias, seed):
     assert out.dtype == dtype
     assert_close(out, ref, dtype, f"{backend} forward")
     ref_grads = torch.autograd.grad(ref, [a for a in args64 if a is not None], grad_out.double())
-    for name, g, rg in zip("x u v bias".split(), grads, ref_grads):
+    for name, g, rg in zip("x u v bias".split()[: len(grads)], grads, ref_grads, strict=True):
         assert g.dtype == dtype
         assert_close(g, rg, dtype, f"{backend} d{name}")
 
@@ -129,7 +131,7 @@ def test_torch_compile_fullgraph(seed):
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     expected.sum().backward()
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         assert_close(g, p.grad, torch.float32, "compiled backward")
 
 

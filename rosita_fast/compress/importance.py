@@ -141,7 +141,8 @@ class ImportanceTracker:
         self._sums.append(sums)
         self._counts.append(counts)
         for i, w in enumerate(weights):
-            self._handles.append(w.register_hook(self._abs_grad_hook(sums[i], counts, i)))
+            if w.requires_grad:  # frozen weights get no gradient: scores() then reports it
+                self._handles.append(w.register_hook(self._abs_grad_hook(sums[i], counts, i)))
 
     @staticmethod
     def _abs_grad_hook(acc: torch.Tensor, counts: list[int], i: int) -> Callable:

@@ -53,6 +53,18 @@ def _is_sequence(value: object) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, str)
 
 
+def _explicit_indices(values, size: int, where: str, what: str) -> list[int]:
+    indices = [_as_int(i, f"{where} index") for i in values]
+    if not indices:
+        raise ValueError(f"{where}: cannot keep zero {what}")
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise ValueError(f"{where}: indices {bad} out of range, there are {size}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{where}: duplicate indices in {indices}")
+    return sorted(indices)
+
+
 def _resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
     if spec is None:
         return list(range(num_layers))
@@ -63,15 +75,7 @@ def _resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
                 f"layers={count}: the model has {num_layers} layers (keep 1..{num_layers})"
             )
         return list(range(count))
-    indices = [_as_int(i, "layer index") for i in spec]
-    if not indices:
-        raise ValueError("layers: cannot keep zero layers")
-    bad = [i for i in indices if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layers: indices {bad} do not exist in a model with {num_layers} layers")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"layers: duplicate indices in {indices}")
-    return sorted(indices)
+    return _explicit_indices(spec, num_layers, "layers", "layers")
 
 
 def _resolve_units(
@@ -98,15 +102,7 @@ def _resolve_units(
         size = sizes[original]
         where = f"{what} of layer {original}"
         if _is_sequence(entry):
-            indices = [_as_int(i, f"{where} index") for i in entry]
-            if not indices:
-                raise ValueError(f"{where}: cannot keep zero {what}")
-            bad = [i for i in indices if not 0 <= i < size]
-            if bad:
-                raise ValueError(f"{where}: indices {bad} out of range, the layer has {size}")
-            if len(set(indices)) != len(indices):
-                raise ValueError(f"{where}: duplicate indices in {indices}")
-            indices = sorted(indices)
+            indices = _explicit_indices(entry, size, where, what)
         else:
             count = _as_int(entry, where)
             if count < 1:

@@ -47,7 +47,7 @@ Selection = Literal["layer", "global"]
 def linear_sizes(start: int, target: int, num_events: int) -> list[int]:
     """Sizes after events ``1..num_events`` when shrinking linearly from ``start`` to ``target``.
 
-    ``linear_sizes(3072, 512, 10) == [2816, 2560, ..., 512]``. Halves round up.
+    ``linear_sizes(3072, 512, 10) == [2816, 2560, ..., 512]``. Removed amounts round half up.
     """
     if num_events < 1:
         raise ValueError(f"num_events must be at least 1, got {num_events}")
@@ -146,7 +146,7 @@ class PruningSchedule:
             :func:`~.optimizer.rebuild_optimizer_`.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     events: list[PruningEvent]
     method: ImportanceMethod = "taylor"
     selection: Selection = "layer"

@@ -45,9 +45,10 @@ class GlueTask:
     main_metric: str
     hub_config: str
     hub_text_columns: tuple[str, ...]
-    split_files: dict[str, str] = field(default_factory=dict)
+    # hash=False: dicts are unhashable, and the other fields already identify a task.
+    split_files: dict[str, str] = field(default_factory=dict, hash=False)
     hub_splits: dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"}
+        default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"}, hash=False
     )
     positional_layout: tuple[int, int, int] | None = None
     max_seq_length: int = 128

@@ -230,6 +230,8 @@ def convert_to_student_(model: nn.Module) -> nn.Module:
     layout = model_layout(model)
     config = model.config
     config.__class__ = adapter.student_config_class
+    # Configs read from disk carry model_type as an instance attribute that would hide the class's.
+    vars(config).pop("model_type", None)
     config.num_hidden_layers = layout.num_layers
     config.num_attention_heads_per_layer = layout.heads
     config.intermediate_size_per_layer = layout.intermediate_sizes

@@ -1,0 +1,539 @@
+"""The stage trainer: one student, an optional teacher, distillation losses, iterative pruning.
+
+A stage is what one run of the method's ``train.py`` does (method sections 3.4-3.6, 5.1)::
+
+    result = train_stage(
+        TrainConfig(epochs=10, learning_rate=1e-5, lr_schedule="none", optimizer="bert_adam",
+                    eval_every=500, kd=KDConfig(hidden_weight=1.0),
+                    pruning=PruningConfig(mode="width", heads=2, ffn=512, embedding_rank=128,
+                                          prune_fraction=0.01)),
+        model=student, teacher=teacher, tokenizer=tokenizer, task="sst-2",
+        train_data=train_features, eval_data=dev_features, output_dir="runs/rosita",
+    )
+    result.model_dir        # the selected model: AutoModelForSequenceClassification-loadable
+
+Constructing a :class:`Trainer` performs every check (options, data, teacher, pruning targets,
+output directory) and loads the checkpoint when resuming; :meth:`Trainer.run` trains. Under
+``torchrun`` the same code runs in every process: each takes its share of every global batch,
+DDP averages the gradients, and only rank 0 evaluates and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from ..compress import count_parameters, group_names
+from ..data import DynamicPaddingCollator, GlueTask, get_task
+from ..distill import KDLoss, apply_relu_before_classifier, teacher_forward
+from .atomic import write_json_atomic
+from .checkpoint import (
+    BEST_MODEL_DIR,
+    CONFIG_FILE,
+    EVAL_LOG_FILE,
+    RESULT_FILE,
+    load_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+    save_model,
+)
+from .config import TrainConfig
+from .distributed import DistContext, init_distributed
+from .errors import CheckpointError, TrainConfigError
+from .eval_log import append_eval_record, truncate_eval_log
+from .evaluation import evaluate
+from .importance_state import all_reduce_importance_, importance_state, load_importance_state_
+from .lr_schedule import LRSchedule
+from .optim import build_optimizer
+from .progress import StageProgress, describe_shape
+from .pruning import build_schedule, event_due, restore_schedule
+from .rng import capture_rng_state, restore_rng_state, seed_everything
+from .sampler import ResumableSampler
+from .selection import ModelSelection
+
+__all__ = ["TrainResult", "Trainer", "train_stage"]
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# Options that do not change what is computed; a resumed run may change them.
+_RESUME_FREE = {"progress", "num_workers", "device"}
+_STATE_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """What a finished stage produced.
+
+    Attributes:
+        model_dir: the selected model (``save_pretrained`` format, plus the tokenizer if one was
+            given): the best post-pruning evaluation, or the final model without dev data.
+        metric: name of the selection metric (``None`` without dev data).
+        best_metric: its best value after pruning ended (``None`` without dev data).
+        best_step: the update count at which ``best_metric`` was reached.
+        best_metrics: every metric of that evaluation.
+        num_parameters: parameters of the selected model (all of them, embeddings included).
+        steps: updates done.
+        stopped_early: patience ran out before the nominal end.
+    """
+
+    model_dir: Path
+    metric: str | None
+    best_metric: float | None
+    best_step: int | None
+    best_metrics: dict[str, float] | None
+    num_parameters: int
+    steps: int
+    stopped_early: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the content of ``result.json``)."""
+        out = asdict(self)
+        out["model_dir"] = str(self.model_dir)
+        return out
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+class Trainer:
+    """Runs one training stage; see the module docstring.
+
+    Args:
+        config: a :class:`TrainConfig` (or a mapping for :meth:`TrainConfig.from_dict`).
+        model: the student, a sequence classifier (dense Hugging Face model or a
+            rosita_fast student). It is trained, and pruned, in place unless the run resumes,
+            in which case the checkpoint's model replaces it (see :attr:`model`).
+        train_data: a map-style dataset of items for ``collate_fn`` (e.g.
+            :class:`~rosita_fast.data.EncodedDataset`).
+        output_dir: where checkpoints, the evaluation log and the selected model go.
+        eval_data: labelled dev items; ``None`` = no evaluation (the final model is kept).
+        task: the GLUE task (name or :class:`~rosita_fast.data.GlueTask`) whose metrics select
+            checkpoints; required with ``eval_data``.
+        teacher: the teacher model, required when ``config.kd`` distils. Never trained.
+        tokenizer: saved next to the selected model; also provides the default collator.
+        collate_fn: batch builder; default: dynamic padding with the tokenizer's pad id.
+        overwrite: replace a previous run's output in ``output_dir``.
+        resume: continue the run whose checkpoints are in ``output_dir``.
+
+    Raises:
+        TrainConfigError: bad options, or options that do not fit the data/model/teacher.
+        OutputDirError: ``output_dir`` holds files and neither flag allows touching them.
+        CheckpointError: the checkpoint to resume from is unusable or from another config.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | Mapping[str, Any],
+        *,
+        model: nn.Module,
+        train_data: Dataset,
+        output_dir: str | Path,
+        eval_data: Dataset | None = None,
+        task: str | GlueTask | None = None,
+        teacher: nn.Module | None = None,
+        tokenizer: Any = None,
+        collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
+        if isinstance(config, Mapping):
+            config = TrainConfig.from_dict(config)
+        if not isinstance(config, TrainConfig):
+            raise TrainConfigError(f"config must be a TrainConfig or a mapping; got "
+                                   f"{type(config).__name__}")
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.tokenizer = tokenizer
+        self.dist: DistContext = init_distributed(config.device)
+        self.device = self.dist.device
+        teacher = self._check_inputs(model, train_data, eval_data, task, teacher, tokenizer,
+                                     collate_fn)
+        self.train_data, self.eval_data = train_data, eval_data
+        self.collate_fn = collate_fn or DynamicPaddingCollator.for_tokenizer(tokenizer)
+        self._plan_steps(len(train_data))
+        if config.pruning is not None:  # dry run: a bad target fails before any file is touched
+            probe = build_schedule(model, config.pruning, self.total_steps)
+            if probe.tracker is not None:
+                probe.tracker.detach()
+
+        checkpoint = self._prepare_output(overwrite=overwrite, resume=resume)
+        state: dict[str, Any] | None = None
+        if checkpoint is not None:
+            model, state = load_checkpoint(checkpoint, self.device)
+            self._check_resumable(state, checkpoint)
+        self.model = model.to(self.device)
+        self.teacher = teacher.to(self.device) if teacher is not None else None
+        self._quirk_handles = []
+        if config.kd.relu_before_classifier:
+            for net in (self.model, self.teacher):
+                if net is not None:
+                    self._quirk_handles.append(apply_relu_before_classifier(net))
+        self._setup_training_state(state)
+        self._ddp: nn.Module | None = None
+        self._wrap_model()
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def _check_inputs(self, model, train_data, eval_data, task, teacher, tokenizer,
+                      collate_fn) -> nn.Module | None:
+        """Validate everything that does not need the output directory; return the teacher
+        actually used."""
+        config = self.config
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TrainConfigError("model must be a Hugging Face sequence classifier")
+        self.kd = KDLoss(config.kd)
+        if self.kd.needs_teacher and teacher is None:
+            raise TrainConfigError("the distillation config needs a teacher (prediction, hidden "
+                                   "or attention weights are set); pass teacher=... or use "
+                                   "kd={'prediction_weight': 0, 'gold_weight': 1} to fine-tune")
+        if teacher is not None and not self.kd.needs_teacher:
+            warnings.warn("a teacher was given but the loss uses gold labels only; it is not "
+                          "used", stacklevel=3)
+            teacher = None
+        if teacher is not None:
+            n_s, n_t = model.config.num_labels, teacher.config.num_labels
+            if n_s != n_t:
+                raise TrainConfigError(f"student has {n_s} labels, teacher {n_t}")
+        if collate_fn is None and tokenizer is None:
+            raise TrainConfigError("pass a tokenizer (for dynamic padding) or a collate_fn")
+        self.task = get_task(task) if task is not None else None
+        if eval_data is not None and self.task is None:
+            raise TrainConfigError("evaluation needs the task (for its metrics); pass task=...")
+        if self.task is not None:
+            self.metric = config.metric or self.task.main_metric
+            if self.metric not in self.task.metrics:
+                raise TrainConfigError(f"metric {self.metric!r} is not reported for task "
+                                       f"{self.task.name}; choose from {self.task.metrics}")
+            if not self.task.is_regression and model.config.num_labels != self.task.num_labels:
+                raise TrainConfigError(f"the model has {model.config.num_labels} labels, task "
+                                       f"{self.task.name} {self.task.num_labels}")
+        else:
+            self.metric = None
+        if eval_data is not None and len(eval_data) == 0:
+            raise TrainConfigError("eval_data is empty")
+        if config.batch_size % self.dist.world_size:
+            raise TrainConfigError(f"batch_size {config.batch_size} is not divisible by the "
+                                   f"{self.dist.world_size} processes")
+        if len(train_data) < config.batch_size:
+            raise TrainConfigError(f"{len(train_data)} training examples are fewer than one "
+                                   f"batch of {config.batch_size}")
+        return teacher
+
+    def _plan_steps(self, n_train: int) -> None:
+        config = self.config
+        self.local_batch_size = config.batch_size // self.dist.world_size
+        self.steps_per_epoch = n_train // config.batch_size
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.checkpoint_every = config.checkpoint_every or self.eval_every
+        self.warmup_steps = int(config.warmup_proportion * self.total_steps)
+
+    def _prepare_output(self, *, overwrite: bool, resume: bool) -> Path | None:
+        # Rank 0 alone touches the directory; every rank then raises the same error, if any.
+        outcome: tuple[str, Any]
+        if self.dist.is_main:
+            try:
+                outcome = ("ok", prepare_output_dir(self.output_dir, overwrite=overwrite,
+                                                    resume=resume))
+            except Exception as exc:  # re-raised below on every rank
+                outcome = ("error", exc)
+        else:
+            outcome = ("ok", None)
+        outcome = self.dist.broadcast(outcome)
+        if outcome[0] == "error":
+            raise outcome[1]
+        checkpoint = outcome[1]
+        if checkpoint is None and self.dist.is_main:
+            write_json_atomic(self.output_dir / CONFIG_FILE, self.config.to_dict())
+        return checkpoint
+
+    def _check_resumable(self, state: dict[str, Any], checkpoint: Path) -> None:
+        if state.get("format") != _STATE_FORMAT:
+            raise CheckpointError(f"{checkpoint} has an unknown trainer state format")
+        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
+        current = {k: v for k, v in _json_roundtrip(self.config.to_dict()).items()
+                   if k not in _RESUME_FREE}
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise CheckpointError(f"cannot resume from {checkpoint}: options {changed} differ "
+                                  "from the run that wrote it")
+        if state["total_steps"] != self.total_steps:
+            raise CheckpointError(f"cannot resume from {checkpoint}: it plans "
+                                  f"{state['total_steps']} steps, this data gives "
+                                  f"{self.total_steps} (different training data?)")
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _setup_training_state(self, state: dict[str, Any] | None) -> None:
+        config = self.config
+        names = state["optimizer_groups"] if state else None
+        self.optimizer = build_optimizer(self.model, config, names)
+        self.lr_schedule = LRSchedule(config.lr_schedule, self.total_steps, self.warmup_steps)
+        self.selection = ModelSelection(patience_steps=config.patience_steps)
+        self.schedule = None
+        if config.pruning is not None:
+            if state is None:
+                self.schedule = build_schedule(self.model, config.pruning, self.total_steps)
+            else:
+                self.schedule = restore_schedule(self.model, config.pruning, state["pruning"])
+        self.sampler = ResumableSampler(self.train_data, local_batch_size=self.local_batch_size,
+                                        rank=self.dist.rank, world_size=self.dist.world_size,
+                                        seed=config.seed)
+        if state is None:
+            self.steps_done = self.epoch = self.batch_in_epoch = 0
+            self.pruning_end_step = 0 if self.schedule is None else None
+            self.stopped_early = False
+            self.saved_parameters = None
+            self._loss_sum, self._loss_count = 0.0, 0
+            seed_everything(config.seed + self.dist.rank)
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.selection.load_state_dict(state["selection"])
+        self.steps_done, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.pruning_end_step = state["pruning_end_step"]
+        self.stopped_early = state["stopped_early"]
+        self.saved_parameters = state["saved_parameters"]
+        per_rank = state["per_rank"]
+        if len(per_rank) != self.dist.world_size:
+            raise CheckpointError(f"the checkpoint was written by {len(per_rank)} processes; "
+                                  f"resume with the same number (now {self.dist.world_size})")
+        mine = per_rank[self.dist.rank]
+        load_importance_state_(self.schedule.tracker if self.schedule else None,
+                               mine["importance"])
+        restore_rng_state(mine["rng"])
+        self._loss_sum, self._loss_count = mine["loss_window"]
+        if self.dist.is_main:
+            truncate_eval_log(self.output_dir / EVAL_LOG_FILE, self.steps_done)
+
+    def _trainer_state(self) -> dict[str, Any] | None:
+        tracker = self.schedule.tracker if self.schedule else None
+        per_rank = self.dist.gather({"rng": capture_rng_state(),
+                                     "importance": importance_state(tracker),
+                                     "loss_window": [float(self._loss_sum), self._loss_count]})
+        if not self.dist.is_main:
+            return None
+        return {
+            "format": _STATE_FORMAT,
+            "config": _json_roundtrip(self.config.to_dict()),
+            "total_steps": self.total_steps,
+            "step": self.steps_done,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_groups": group_names(self.optimizer, self.model),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "pruning": self.schedule.state_dict() if self.schedule else None,
+            "pruning_end_step": self.pruning_end_step,
+            "selection": self.selection.state_dict(),
+            "stopped_early": self.stopped_early,
+            "saved_parameters": self.saved_parameters,
+            "per_rank": per_rank,
+        }
+
+    def _wrap_model(self) -> None:
+        # DDP keeps references to the parameters it reduces, so a pruned model needs a new
+        # wrapper; the old one is released first so that its gradient hooks go with it.
+        self._ddp = None
+        if not self.dist.distributed:
+            self._ddp = self.model
+            return
+        uses_logits = bool(self.config.kd.prediction_weight or self.config.kd.gold_weight)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(self.model, device_ids=device_ids,
+                                            find_unused_parameters=not uses_logits)
+
+    # ---- training --------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True once the stage reached its last step or stopped early."""
+        return self.stopped_early or self.steps_done >= self.total_steps
+
+    def _loader(self) -> DataLoader:
+        # A private generator: iterating a DataLoader draws a seed from its generator, and the
+        # global one would then advance differently in resumed and uninterrupted runs.
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return DataLoader(self.train_data, batch_size=self.local_batch_size,
+                          sampler=self.sampler, collate_fn=self.collate_fn, drop_last=True,
+                          num_workers=self.config.num_workers, generator=generator)
+
+    def _prune_if_due(self, progress: StageProgress) -> None:
+        schedule = self.schedule
+        if schedule is None or schedule.done:
+            return
+        if event_due(schedule):
+            all_reduce_importance_(schedule.tracker)
+        if schedule.step(self.model, self.optimizer):
+            self.lr_schedule.reanchor(self.steps_done)
+            self._wrap_model()
+            progress.set_model(self.model)
+            progress.write(f"step {self.steps_done}: pruned to {describe_shape(self.model)}, "
+                           f"{count_parameters(self.model):,} parameters")
+        if schedule.done:
+            self.pruning_end_step = self.steps_done
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels", None)
+        inputs = {k: batch[k] for k in _INPUTS if k in batch}
+        self.model.train()
+        teacher_out = teacher_forward(self.teacher, inputs, self.kd) if self.teacher else None
+        student_out = self._ddp(**inputs, **self.kd.model_kwargs())
+        result = self.kd(student_out, teacher_out, attention_mask=inputs.get("attention_mask"),
+                         labels=labels)
+        result.loss.backward()
+        if self.config.optimizer == "adamw" and self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return result.loss.detach()
+
+    def _after_step(self) -> None:
+        """Hook run after every update (tests subclass it to simulate a crash)."""
+
+    def run(self) -> TrainResult:
+        """Train to the end of the stage (or early stop); return what it produced.
+
+        A resumed stage continues from its checkpoint and ends in the same model as an
+        uninterrupted run; a stage that had already finished just reports its result.
+        """
+        progress = StageProgress(self.total_steps, self.steps_done,
+                                 enabled=self.config.progress and self.dist.is_main)
+        progress.set_model(self.model)
+        # The loss is summed on the device and read back only when shown: .item() every step
+        # would synchronise with the GPU.
+        loss_sum = torch.tensor(self._loss_sum, device=self.device, dtype=torch.float64)
+        shown, window_sum, window_count = self.steps_done, self._loss_sum, self._loss_count
+        try:
+            loader = self._loader()
+            while not self.finished:
+                self.sampler.set_position(self.epoch, self.batch_in_epoch)
+                for batch in loader:
+                    self._prune_if_due(progress)
+                    lr = self.lr_schedule.apply(self.optimizer, self.steps_done)
+                    loss = self._train_step(batch)
+                    loss_sum += loss
+                    self._loss_count += 1
+                    self.steps_done += 1
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if self.steps_done % 10 == 0 or self.finished:
+                        total = loss_sum.item()
+                        window = (total - window_sum) / max(1, self._loss_count - window_count)
+                        window_sum, window_count = total, self._loss_count
+                        progress.update(self.steps_done - shown, window,
+                                        lr * self.config.learning_rate)
+                        shown = self.steps_done
+                    if self._evaluation_due():
+                        mean_loss = self._mean_loss(loss_sum, self._loss_count)
+                        loss_sum.zero_()
+                        self._loss_count, window_sum, window_count = 0, 0.0, 0
+                        self._evaluate_and_select(progress, mean_loss)
+                    if self._checkpoint_due():
+                        self._loss_sum = loss_sum.item()
+                        self._checkpoint()
+                    self._after_step()
+                    if self.finished:
+                        break
+        finally:
+            progress.close()
+        return self._finish()
+
+    def _evaluation_due(self) -> bool:
+        return self.eval_data is not None and (
+            self.steps_done % self.eval_every == 0 or self.steps_done >= self.total_steps)
+
+    def _checkpoint_due(self) -> bool:
+        return self.steps_done % self.checkpoint_every == 0 or self.finished
+
+    def _mean_loss(self, loss_sum: torch.Tensor, count: int) -> float | None:
+        if count == 0:
+            return None
+        value = loss_sum / count
+        if self.dist.distributed:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.dist.world_size
+        return float(value.item())
+
+    def _evaluate_and_select(self, progress: StageProgress, train_loss: float | None) -> None:
+        decision = None
+        if self.dist.is_main:
+            metrics = evaluate(self.model, self._eval_loader(), self.task, self.device)
+            pruning_done = self.schedule is None or self.schedule.done
+            decision = self.selection.observe(
+                self.steps_done, metrics, self.metric, pruning_done=pruning_done,
+                pruning_end_step=self.pruning_end_step or 0)
+            if decision.save:
+                save_model(self.model, self.output_dir / BEST_MODEL_DIR, self.tokenizer)
+                self.saved_parameters = count_parameters(self.model)
+            record = {
+                "step": self.steps_done,
+                "epoch": round(self.steps_done / self.steps_per_epoch, 4),
+                "metrics": metrics,
+                self.metric: metrics[self.metric],
+                "train_loss": train_loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "shape": describe_shape(self.model),
+                "parameters": count_parameters(self.model),
+                "pruning_done": pruning_done,
+                "saved": decision.save,
+                "best_metric": self.selection.best_metric,
+                "best_step": self.selection.best_step,
+            }
+            append_eval_record(self.output_dir / EVAL_LOG_FILE, record)
+            progress.write(f"step {self.steps_done}: {self.metric} "
+                           f"{metrics[self.metric]:.4f} (best {self.selection.best_metric})")
+        # Every rank must agree on stopping and on the selection state that checkpoints hold.
+        stop, selection = self.dist.broadcast(
+            (decision.stop if decision else False, self.selection.state_dict()))
+        self.selection.load_state_dict(selection)
+        if stop:
+            self.stopped_early = True
+
+    def _eval_loader(self) -> DataLoader:
+        return DataLoader(self.eval_data, batch_size=self.config.eval_batch_size, shuffle=False,
+                          collate_fn=self.collate_fn)
+
+    def _checkpoint(self) -> None:
+        state = self._trainer_state()
+        if self.dist.is_main:
+            save_checkpoint(self.output_dir, self.steps_done, self.model, state,
+                            keep=self.config.keep_checkpoints)
+
+    def _finish(self) -> TrainResult:
+        model_dir = self.output_dir / BEST_MODEL_DIR
+        if self.dist.is_main:
+            if self.eval_data is None or not model_dir.exists():
+                save_model(self.model, model_dir, self.tokenizer)
+                self.saved_parameters = count_parameters(self.model)
+        for handle in self._quirk_handles:
+            handle.remove()
+        self._quirk_handles = []
+        sel = self.selection
+        result = TrainResult(
+            model_dir=model_dir, metric=self.metric, best_metric=sel.best_metric,
+            best_step=sel.best_step, best_metrics=sel.best_metrics,
+            num_parameters=self.dist.broadcast(self.saved_parameters), steps=self.steps_done,
+            stopped_early=self.stopped_early)
+        if self.dist.is_main:
+            write_json_atomic(self.output_dir / RESULT_FILE, result.to_dict())
+        self.dist.barrier()
+        return result
+
+
+def train_stage(config: TrainConfig | Mapping[str, Any], **kwargs: Any) -> TrainResult:
+    """Build a :class:`Trainer` with ``kwargs`` and run it; see :class:`Trainer` for arguments."""
+    return Trainer(config, **kwargs).run()
