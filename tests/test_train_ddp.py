@@ -14,9 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import ddp_stages, ddp_trainer, state_of
+from test_train_support import ddp_stages, ddp_trainer, single_thread, state_of
 
 SUPPORT = Path(__file__).with_name("test_train_support.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,31 +16,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import resume_trainer, state_of
+from test_train_support import resume_trainer, single_thread, state_of
 
 import rosita_fast.train.checkpoint as checkpoint_module
-from rosita_fast.train import latest_checkpoint, list_checkpoints, read_eval_log
+from rosita_fast.train import PruningConfig, latest_checkpoint, list_checkpoints, read_eval_log
+from rosita_fast.train.importance_state import importance_state
 
 SUPPORT = Path(__file__).with_name("test_train_support.py")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     # The killed part runs in a worker with one thread; intra-op parallelism may change float
     # summation order, so the in-process parts use one thread too.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
-@pytest.fixture
-def reference(tmp_path, one_thread):
+def _reference(output_dir: Path, **overrides) -> dict:
     """The uninterrupted run: final parameters, evaluation log and result."""
-    trainer = resume_trainer(tmp_path / "reference")
+    trainer = resume_trainer(output_dir, **overrides)
     result = trainer.run()
-    return {"state": state_of(trainer.model), "log": read_eval_log(tmp_path / "reference" /
-                                                                  "eval_log.jsonl"),
+    return {"state": state_of(trainer.model), "log": read_eval_log(output_dir / "eval_log.jsonl"),
             "result": result}
 
 
@@ -55,7 +52,8 @@ def _assert_same_run(trainer, result, output_dir: Path, reference) -> None:
         expected.best_metric, expected.best_step, expected.num_parameters, expected.steps)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, reference, one_thread):
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    reference = _reference(tmp_path / "reference")
     out = tmp_path / "killed"
     proc = subprocess.run([sys.executable, str(SUPPORT), "kill", str(out), "7"],
                           capture_output=True, text=True, timeout=300)
@@ -73,8 +71,15 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, reference, one_th
     _assert_same_run(trainer, result, out, reference)
 
 
-def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path, reference, one_thread,
-                                                         monkeypatch):
+# The second variant covers the other optimizer and the other importance estimator, whose
+# accumulators live elsewhere (mask gradients).
+@pytest.mark.parametrize("optimizer, method", [("bert_adam", "taylor"), ("adamw", "mask")])
+def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path, monkeypatch, optimizer,
+                                                         method):
+    pruning = PruningConfig(mode="width", heads=2, ffn=24, embedding_rank=16, interval=4,
+                            method=method)
+    overrides = {"optimizer": optimizer, "pruning": pruning}
+    reference = _reference(tmp_path / "reference", **overrides)
     out = tmp_path / "interrupted"
     real_save = torch.save
 
@@ -86,19 +91,24 @@ def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path, reference, on
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save_then_die)
     with pytest.raises(OSError, match="simulated"):
-        resume_trainer(out).run()
+        resume_trainer(out, **overrides).run()
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
 
     assert [step for step, _ in list_checkpoints(out)] == [3, 6]
     assert not (out / "checkpoints" / "step-00000009").exists()
-    trainer = resume_trainer(out, resume=True)
+    trainer = resume_trainer(out, resume=True, **overrides)
     assert trainer.steps_done == 6
     assert not list((out / "checkpoints").glob(".step-*"))  # the partial write was cleared
+    # The importance of the 2 updates since the event after update 4 was restored, not reset
+    # (the final comparison alone may not notice: the ranking can survive a reset).
+    restored = importance_state(trainer.schedule.tracker)
+    assert {c for counts in restored["counts"] for c in counts} == {2}
+    assert all(s is not None and s.abs().sum() > 0 for s in restored["sums"])
     result = trainer.run()
     _assert_same_run(trainer, result, out, reference)
 
 
-def test_resume_of_a_finished_run_reports_its_result(tmp_path, one_thread):
+def test_resume_of_a_finished_run_reports_its_result(tmp_path):
     out = tmp_path / "done"
     first = resume_trainer(out).run()
     again = resume_trainer(out, resume=True)
@@ -106,7 +116,7 @@ def test_resume_of_a_finished_run_reports_its_result(tmp_path, one_thread):
     assert again.run() == first
 
 
-def test_resume_refuses_a_changed_config(tmp_path, one_thread):
+def test_resume_refuses_a_changed_config(tmp_path):
     out = tmp_path / "run"
     resume_trainer(out, epochs=2).run()
     with pytest.raises(Exception, match="learning_rate"):

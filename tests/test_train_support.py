@@ -11,9 +11,11 @@ same models and data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +57,14 @@ def synthetic_data(n: int, seed: int, *, fixed_length: int | None = None) -> Lis
     return ListDataset(items)
 
 
-def tiny_bert(seed: int, *, layers: int = 2, dropout: float = 0.1) -> BertForSequenceClassification:
-    """A random BERT classifier: hidden 32, 4 heads of 8, FFN 48, 2 labels."""
+def tiny_bert(
+    seed: int, *, layers: int = 2, dropout: float = 0.1, num_labels: int = 2, hidden: int = 32
+) -> BertForSequenceClassification:
+    """A random BERT classifier: by default hidden 32, 4 heads of 8, FFN 48, 2 labels."""
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=4, intermediate_size=48, max_position_embeddings=32,
-                        num_labels=2, pad_token_id=PAD, hidden_dropout_prob=dropout,
+                        num_labels=num_labels, pad_token_id=PAD, hidden_dropout_prob=dropout,
                         attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(config)
 
@@ -68,6 +72,19 @@ def tiny_bert(seed: int, *, layers: int = 2, dropout: float = 0.1) -> BertForSeq
 def collate() -> DynamicPaddingCollator:
     """Dynamic padding with the synthetic vocabulary's pad id."""
     return DynamicPaddingCollator(PAD)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: on a busy 2-core machine two intra-op threads spin against each
+    other (tiny matmuls become ~300x slower), and one thread makes float sums repeatable across
+    processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:

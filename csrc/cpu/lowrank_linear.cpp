@@ -18,7 +18,11 @@ namespace rosita_fast {
 namespace {
 
 constexpr int64_t kMaxBlockRows = 64;
-// Budget for one output block (bytes): roughly half of a per-core L2.
+// One output chunk of the forward (bytes): small enough to stay in L1/L2 through its epilogue.
+constexpr int64_t kChunkBytes = 64 * 1024;
+// Narrowest column group worth a thread of its own in the forward.
+constexpr int64_t kMinGroupCols = 64;
+// Budget for one output block of the backward (bytes): roughly half of a per-core L2.
 constexpr int64_t kOutBlockBytes = 512 * 1024;
 
 at::ScalarType acc_type(at::ScalarType t) {
@@ -71,9 +75,10 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
 #define ROSITA_ALWAYS_INLINE inline __attribute__((always_inline))
 
 template <Activation A, typename T>
-ROSITA_ALWAYS_INLINE void bias_act_rows(T* z, const T* bias, int64_t rows, int64_t cols) {
+ROSITA_ALWAYS_INLINE void bias_act_rows(T* z, const T* bias, int64_t rows, int64_t cols,
+                                        int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
-    T* zr = z + i * cols;
+    T* zr = z + i * ld;
     if (bias != nullptr) {
       for (int64_t j = 0; j < cols; ++j) zr[j] = act_forward_t<A, T>(zr[j] + bias[j]);
     } else {
@@ -99,12 +104,13 @@ ROSITA_ALWAYS_INLINE void act_grad_rows(T* z, const T* grad, const T* bias, int6
 
 template <typename T>
 ROSITA_ALWAYS_INLINE void bias_act_dispatch(T* z, const T* bias, int64_t rows, int64_t cols,
-                                            Activation a) {
+                                            int64_t ld, Activation a) {
   switch (a) {
-    case Activation::ReLU: return bias_act_rows<Activation::ReLU>(z, bias, rows, cols);
-    case Activation::Gelu: return bias_act_rows<Activation::Gelu>(z, bias, rows, cols);
-    case Activation::GeluTanh: return bias_act_rows<Activation::GeluTanh>(z, bias, rows, cols);
-    default: return bias_act_rows<Activation::None>(z, bias, rows, cols);
+    case Activation::ReLU: return bias_act_rows<Activation::ReLU>(z, bias, rows, cols, ld);
+    case Activation::Gelu: return bias_act_rows<Activation::Gelu>(z, bias, rows, cols, ld);
+    case Activation::GeluTanh:
+      return bias_act_rows<Activation::GeluTanh>(z, bias, rows, cols, ld);
+    default: return bias_act_rows<Activation::None>(z, bias, rows, cols, ld);
   }
 }
 
@@ -120,8 +126,9 @@ ROSITA_ALWAYS_INLINE void act_grad_dispatch(T* z, const T* grad, const T* bias, 
   }
 }
 
-void bias_act_f32_base(float* z, const float* bias, int64_t rows, int64_t cols, Activation a) {
-  bias_act_dispatch<float>(z, bias, rows, cols, a);
+void bias_act_f32_base(float* z, const float* bias, int64_t rows, int64_t cols, int64_t ld,
+                       Activation a) {
+  bias_act_dispatch<float>(z, bias, rows, cols, ld, a);
 }
 
 void act_grad_f32_base(float* z, const float* grad, const float* bias, int64_t rows, int64_t cols,
@@ -131,8 +138,8 @@ void act_grad_f32_base(float* z, const float* grad, const float* bias, int64_t r
 
 #ifdef ROSITA_X86_DISPATCH
 ROSITA_AVX2 void bias_act_f32_avx2(float* z, const float* bias, int64_t rows, int64_t cols,
-                                   Activation a) {
-  bias_act_dispatch<float>(z, bias, rows, cols, a);
+                                   int64_t ld, Activation a) {
+  bias_act_dispatch<float>(z, bias, rows, cols, ld, a);
 }
 
 ROSITA_AVX2 void act_grad_f32_avx2(float* z, const float* grad, const float* bias, int64_t rows,
@@ -146,11 +153,12 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
-void bias_act(float* z, const float* bias, int64_t rows, int64_t cols, Activation a) {
+// z[i * ld + j] <- act(z[i * ld + j] + bias[j]) for a rows x cols block.
+void bias_act(float* z, const float* bias, int64_t rows, int64_t cols, int64_t ld, Activation a) {
 #ifdef ROSITA_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return bias_act_f32_avx2(z, bias, rows, cols, a);
+  if (cpu_has_avx2_fma()) return bias_act_f32_avx2(z, bias, rows, cols, ld, a);
 #endif
-  bias_act_f32_base(z, bias, rows, cols, a);
+  bias_act_f32_base(z, bias, rows, cols, ld, a);
 }
 void act_grad(float* z, const float* grad, const float* bias, int64_t rows, int64_t cols,
               Activation a) {
@@ -159,47 +167,68 @@ void act_grad(float* z, const float* grad, const float* bias, int64_t rows, int6
 #endif
   act_grad_f32_base(z, grad, bias, rows, cols, a);
 }
-void bias_act(double* z, const double* bias, int64_t rows, int64_t cols, Activation a) {
-  bias_act_dispatch<double>(z, bias, rows, cols, a);
+void bias_act(double* z, const double* bias, int64_t rows, int64_t cols, int64_t ld,
+              Activation a) {
+  bias_act_dispatch<double>(z, bias, rows, cols, ld, a);
 }
 void act_grad(double* z, const double* grad, const double* bias, int64_t rows, int64_t cols,
               Activation a) {
   act_grad_dispatch<double>(z, grad, bias, rows, cols, a);
 }
 
+// Forward. Work is tiled as (row block, column group) tasks over the threads. A task computes its
+// rows' rank-r intermediate h = x v^T once (it stays in cache), then sweeps its columns in chunks
+// small enough (kChunkBytes) that each chunk of h u^T is finished by the bias/activation epilogue
+// while it is still in L1/L2. Column groups only exist when there are fewer row blocks than
+// threads (few tokens); each group then recomputes its h block, which is cheap exactly then.
 template <typename scalar_t>
 at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Tensor& v,
                         const std::optional<at::Tensor>& bias, Activation act) {
   using acc_t = typename AccType<scalar_t>::type;
   const auto acc_dtype = acc_type(x2d.scalar_type());
-  const int64_t m = x2d.size(0), k = x2d.size(1), n = u.size(0), r = u.size(1);
+  const int64_t m = x2d.size(0), n = u.size(0), r = u.size(1);
   auto out = empty_output({m, n}, x2d.options());
   if (m == 0 || n == 0) return out;
 
-  // Weights are small next to activations; converting them once keeps the block loop simple.
-  const auto ut = u.to(acc_dtype).t().contiguous();  // [r, n]
-  const auto vt = v.to(acc_dtype).t().contiguous();  // [k, r]
+  const bool same_dtype = x2d.scalar_type() == acc_dtype;
+  // fp16/bf16 weights are converted once per call (they are small next to activations); fp32/fp64
+  // weights are used in place, transposes being BLAS flags rather than copies.
+  const auto u_acc = same_dtype ? u : u.to(acc_dtype);  // [n, r]
+  const auto v_acc = same_dtype ? v : v.to(acc_dtype);  // [r, k]
   const auto bias_acc = bias.has_value() ? bias->to(acc_dtype).contiguous() : at::Tensor();
   const acc_t* bias_ptr = bias.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
-  const bool same_dtype = x2d.scalar_type() == acc_dtype;
-  const int64_t bm = block_rows(m, n, sizeof(acc_t));
-  const int64_t n_blocks = (m + bm - 1) / bm;
   const auto acc_opts = x2d.options().dtype(acc_dtype);
 
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t bm = std::min<int64_t>(kMaxBlockRows, (m + threads - 1) / threads);
+  const int64_t row_blocks = (m + bm - 1) / bm;
+  const int64_t col_groups =
+      std::max<int64_t>(1, std::min<int64_t>(threads / row_blocks, (n + kMinGroupCols - 1) / kMinGroupCols));
+  const int64_t group_cols = (n + col_groups - 1) / col_groups;
+  const int64_t chunk = std::clamp<int64_t>(
+      (kChunkBytes / (bm * static_cast<int64_t>(sizeof(acc_t)))) / 16 * 16, 16, std::max<int64_t>(16, n));
+
+  at::parallel_for(0, row_blocks * col_groups, 1, [&](int64_t t0, int64_t t1) {
     auto h = empty_output({bm, r}, acc_opts);
-    auto o = same_dtype ? at::Tensor() : empty_output({bm, n}, acc_opts);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row0 = b * bm, rows = std::min(bm, m - row0);
+    auto o = same_dtype ? at::Tensor() : empty_output({bm, chunk}, acc_opts);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t row0 = (t / col_groups) * bm, rows = std::min(bm, m - row0);
+      const int64_t col_begin = (t % col_groups) * group_cols;
+      const int64_t col_end = std::min(n, col_begin + group_cols);
       auto xb = x2d.narrow(0, row0, rows);
       if (!same_dtype) xb = xb.to(acc_dtype);
       auto hb = h.narrow(0, 0, rows);
-      at::mm_out(hb, xb, vt);
-      // fp32/fp64: the product is written straight into the output and finished in place.
-      auto ob = same_dtype ? out.narrow(0, row0, rows) : o.narrow(0, 0, rows);
-      at::mm_out(ob, hb, ut);
-      bias_act(ob.mutable_data_ptr<acc_t>(), bias_ptr, rows, n, act);
-      if (!same_dtype) out.narrow(0, row0, rows).copy_(ob);
+      at::mm_out(hb, xb, v_acc.t());
+      for (int64_t c0 = col_begin; c0 < col_end; c0 += chunk) {
+        const int64_t cols = std::min(chunk, col_end - c0);
+        auto dst = out.narrow(0, row0, rows).narrow(1, c0, cols);
+        // fp32/fp64: the product lands in the output and is finished there in place.
+        auto ob = same_dtype ? dst : o.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(ob, hb, u_acc.narrow(0, c0, cols).t());
+        bias_act(ob.mutable_data_ptr<acc_t>(), bias_ptr ? bias_ptr + c0 : nullptr, rows, cols,
+                 ob.stride(0), act);
+        if (!same_dtype) dst.copy_(ob);
+      }
     }
   });
   return out;
@@ -219,10 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const bool same_dtype = x2d.scalar_type() == acc_dtype;
 
   auto dx = empty_output({m, k}, x2d.options());
-  const auto u_acc = u.to(acc_dtype).contiguous();   // [n, r]
-  const auto ut = u_acc.t().contiguous();             // [r, n]
-  const auto v_acc = v.to(acc_dtype).contiguous();   // [r, k]
-  const auto vt = v_acc.t().contiguous();             // [k, r]
+  const auto u_acc = same_dtype ? u : u.to(acc_dtype);  // [n, r]
+  const auto v_acc = same_dtype ? v : v.to(acc_dtype);  // [r, k]
   const auto bias_acc = bias.has_value() ? bias->to(acc_dtype).contiguous() : at::Tensor();
   const acc_t* bias_ptr = bias.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
 
@@ -241,10 +268,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       auto xb = x2d.narrow(0, row0, rows);
       if (!same_dtype) xb = xb.to(acc_dtype);
       auto hb = h.narrow(0, row0, rows);
-      at::mm_out(hb, xb, vt);
+      at::mm_out(hb, xb, v_acc.t());
       auto dzb = dz.narrow(0, row0, rows);
       if (act != Activation::None) {
-        at::mm_out(dzb, hb, ut);  // z without bias, overwritten in place by dz below
+        at::mm_out(dzb, hb, u_acc.t());  // z without bias, overwritten in place by dz below
         auto gb_in = grad2d.narrow(0, row0, rows);
         if (!same_dtype) gb_in = gb_in.to(acc_dtype);
         act_grad(dzb.mutable_data_ptr<acc_t>(), gb_in.const_data_ptr<acc_t>(), bias_ptr, rows, n,

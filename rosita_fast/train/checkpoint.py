@@ -61,11 +61,12 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _remove_ours(output_dir: Path) -> None:
     for name in _OURS:
-        path = output_dir / name
-        if path.is_dir():
-            remove_directory(path)
-        elif path.exists():
-            path.unlink()
+        # Hidden ".<name>.tmp-*" / ".<name>.old-*" are what a killed atomic write leaves.
+        for path in [output_dir / name, *output_dir.glob(f".{name}.*-*")]:
+            if path.is_dir():
+                remove_directory(path)
+            elif path.exists():
+                path.unlink()
 
 
 def prepare_output_dir(output_dir: Path, *, overwrite: bool, resume: bool) -> Path | None:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..compress import count_parameters, group_names
 from ..data import DynamicPaddingCollator, GlueTask, get_task
-from ..distill import KDLoss, apply_relu_before_classifier, teacher_forward
+from ..distill import KDLoss, LayerMapError, apply_relu_before_classifier, teacher_forward
 from .atomic import write_json_atomic
 from .checkpoint import (
     BEST_MODEL_DIR,
@@ -54,7 +54,7 @@ from .evaluation import evaluate
 from .importance_state import all_reduce_importance_, importance_state, load_importance_state_
 from .lr_schedule import LRSchedule
 from .optim import build_optimizer
-from .progress import StageProgress, describe_shape
+from .progress import LossMeter, StageProgress, describe_shape
 from .pruning import build_schedule, event_due, restore_schedule
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .sampler import ResumableSampler
@@ -66,6 +66,7 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # Options that do not change what is computed; a resumed run may change them.
 _RESUME_FREE = {"progress", "num_workers", "device"}
 _STATE_FORMAT = 1
+_REFRESH_EVERY = 10  # updates between progress-bar refreshes (each one reads the loss back)
 
 
 @dataclass
@@ -200,9 +201,7 @@ class Trainer:
                           "used", stacklevel=3)
             teacher = None
         if teacher is not None:
-            n_s, n_t = model.config.num_labels, teacher.config.num_labels
-            if n_s != n_t:
-                raise TrainConfigError(f"student has {n_s} labels, teacher {n_t}")
+            self._check_teacher(model, teacher)
         if collate_fn is None and tokenizer is None:
             raise TrainConfigError("pass a tokenizer (for dynamic padding) or a collate_fn")
         self.task = get_task(task) if task is not None else None
@@ -227,6 +226,25 @@ class Trainer:
             raise TrainConfigError(f"{len(train_data)} training examples are fewer than one "
                                    f"batch of {config.batch_size}")
         return teacher
+
+    def _check_teacher(self, model: nn.Module, teacher: nn.Module) -> None:
+        # Pruning the student in place would prune a teacher that shares its tensors (Setting 4
+        # starts the student from the teacher's checkpoint: it must be a separate copy).
+        if {id(p) for p in model.parameters()} & {id(p) for p in teacher.parameters()}:
+            raise TrainConfigError("the teacher shares parameters with the student; pass a "
+                                   "separate copy (e.g. load the checkpoint twice)")
+        # The loss would find these only at the first step, after the output dir is set up.
+        s, t = model.config, teacher.config
+        if s.num_labels != t.num_labels:
+            raise TrainConfigError(f"student has {s.num_labels} labels, teacher {t.num_labels}")
+        if self.kd.needs_hidden_states:
+            if s.hidden_size != t.hidden_size:
+                raise TrainConfigError(f"hidden-state distillation needs equal widths; student "
+                                       f"hidden size {s.hidden_size}, teacher {t.hidden_size}")
+            try:
+                self.kd.layer_pairs(t.num_hidden_layers, s.num_hidden_layers)
+            except LayerMapError as exc:
+                raise TrainConfigError(f"kd.layer_map: {exc}") from exc
 
     def _plan_steps(self, n_train: int) -> None:
         config = self.config
@@ -293,7 +311,7 @@ class Trainer:
             self.pruning_end_step = 0 if self.schedule is None else None
             self.stopped_early = False
             self.saved_parameters = None
-            self._loss_sum, self._loss_count = 0.0, 0
+            self._loss_window = [0.0, 0]
             seed_everything(config.seed + self.dist.rank)
             return
         self.optimizer.load_state_dict(state["optimizer"])
@@ -312,7 +330,7 @@ class Trainer:
         load_importance_state_(self.schedule.tracker if self.schedule else None,
                                mine["importance"])
         restore_rng_state(mine["rng"])
-        self._loss_sum, self._loss_count = mine["loss_window"]
+        self._loss_window = mine["loss_window"]
         if self.dist.is_main:
             truncate_eval_log(self.output_dir / EVAL_LOG_FILE, self.steps_done)
 
@@ -320,7 +338,7 @@ class Trainer:
         tracker = self.schedule.tracker if self.schedule else None
         per_rank = self.dist.gather({"rng": capture_rng_state(),
                                      "importance": importance_state(tracker),
-                                     "loss_window": [float(self._loss_sum), self._loss_count]})
+                                     "loss_window": self._loss_window})
         if not self.dist.is_main:
             return None
         return {
@@ -411,38 +429,25 @@ class Trainer:
         progress = StageProgress(self.total_steps, self.steps_done,
                                  enabled=self.config.progress and self.dist.is_main)
         progress.set_model(self.model)
-        # The loss is summed on the device and read back only when shown: .item() every step
-        # would synchronise with the GPU.
-        loss_sum = torch.tensor(self._loss_sum, device=self.device, dtype=torch.float64)
-        shown, window_sum, window_count = self.steps_done, self._loss_sum, self._loss_count
+        meter = LossMeter(*self._loss_window, self.device)
         try:
             loader = self._loader()
             while not self.finished:
                 self.sampler.set_position(self.epoch, self.batch_in_epoch)
                 for batch in loader:
                     self._prune_if_due(progress)
-                    lr = self.lr_schedule.apply(self.optimizer, self.steps_done)
-                    loss = self._train_step(batch)
-                    loss_sum += loss
-                    self._loss_count += 1
-                    self.steps_done += 1
-                    self.batch_in_epoch += 1
-                    if self.batch_in_epoch == self.steps_per_epoch:
-                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if self.steps_done % 10 == 0 or self.finished:
-                        total = loss_sum.item()
-                        window = (total - window_sum) / max(1, self._loss_count - window_count)
-                        window_sum, window_count = total, self._loss_count
-                        progress.update(self.steps_done - shown, window,
-                                        lr * self.config.learning_rate)
-                        shown = self.steps_done
+                    factor = self.lr_schedule.apply(self.optimizer, self.steps_done)
+                    meter.add(self._train_step(batch))
+                    self._count_update()
+                    if self.steps_done % _REFRESH_EVERY == 0 or self.finished:
+                        progress.show(self.steps_done, meter.recent(),
+                                      factor * self.config.learning_rate)
                     if self._evaluation_due():
-                        mean_loss = self._mean_loss(loss_sum, self._loss_count)
-                        loss_sum.zero_()
-                        self._loss_count, window_sum, window_count = 0, 0.0, 0
-                        self._evaluate_and_select(progress, mean_loss)
+                        train_loss = self._mean_loss(meter)
+                        meter.reset()
+                        self._evaluate_and_select(progress, train_loss)
                     if self._checkpoint_due():
-                        self._loss_sum = loss_sum.item()
+                        self._loss_window = meter.state()
                         self._checkpoint()
                     self._after_step()
                     if self.finished:
@@ -451,6 +456,12 @@ class Trainer:
             progress.close()
         return self._finish()
 
+    def _count_update(self) -> None:
+        self.steps_done += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
     def _evaluation_due(self) -> bool:
         return self.eval_data is not None and (
             self.steps_done % self.eval_every == 0 or self.steps_done >= self.total_steps)
@@ -458,10 +469,11 @@ class Trainer:
     def _checkpoint_due(self) -> bool:
         return self.steps_done % self.checkpoint_every == 0 or self.finished
 
-    def _mean_loss(self, loss_sum: torch.Tensor, count: int) -> float | None:
-        if count == 0:
+    def _mean_loss(self, meter: LossMeter) -> float | None:
+        # The mean over all ranks' updates since the last evaluation.
+        if meter.count == 0:
             return None
-        value = loss_sum / count
+        value = meter.sum / meter.count
         if self.dist.distributed:
             value = value.clone()
             torch.distributed.all_reduce(value)
