@@ -22,6 +22,7 @@ cores for fp16/bf16 inputs (exact for their mantissas) and for fp32 inputs only 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -321,12 +322,17 @@ def launch_specs() -> list[LaunchSpec]:
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _column_split(m_blocks: int, n: int, block_n: int, device: torch.device) -> int:
     """How many programs share one row block's output columns."""
     n_blocks = triton.cdiv(n, block_n)
     if device.type != "cuda":
         return 1  # the interpreter runs programs one after another: splitting only adds work
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     # Aim for about two waves; never split below 4 column blocks per program so the recomputed
     # h = x v^T stays a small fraction of the work.
     want = triton.cdiv(2 * sms, max(m_blocks, 1))
