@@ -137,6 +137,127 @@ def test_tracker_accumulates_inside_a_training_loop_with_any_loss(seed):
     tracker.detach()
 
 
+def _train_steps(model, trackers, steps, lr=0.05):
+    """SGD steps on a labelled random batch; ``source="grads"`` trackers accumulate from .grad
+    after backward and before the update, as a training loop (or DDP) would."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = random_batch(model)
+        labels = torch.randint(0, model.config.num_labels, (batch["input_ids"].shape[0],))
+        model(**batch, labels=labels).loss.backward()
+        for tracker in trackers:
+            if tracker.source == "grads":
+                tracker.accumulate_from_grads()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _assert_same_scores(got, want, method):
+    assert (got.num_batches, got.method) == (want.num_batches, want.method)
+    for part in ("heads", "ffn"):
+        for g, w in zip(getattr(got, part), getattr(want, part), strict=True):
+            if method == "taylor":  # the hook's gradient is the tensor .grad holds: bit-equal
+                assert torch.equal(g, w)
+            else:  # sum_i W_ij dL/dW_ij vs sum over tokens of x dL/dx: another summation order
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["taylor", "mask"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scores_from_grads_equal_the_hooks_on_one_process(arch, method, seed):
+    model = tiny_model(arch, "seq")
+    hooks = ImportanceTracker(model, method=method)
+    grads = ImportanceTracker(model, method=method, source="grads")
+    # The weights change between steps: the mask estimator must pair each .grad with the
+    # weights of its own forward pass.
+    _train_steps(model, [hooks, grads], steps=3)
+    assert grads.num_batches == hooks.num_batches == 3
+    _assert_same_scores(grads.scores(), hooks.scores(), method)
+    # After pruning the same reset restarts both.
+    prune_(model, heads=3, ffn=40, scores=grads.scores())
+    hooks.reset()
+    grads.reset()
+    _train_steps(model, [hooks, grads], steps=2)
+    _assert_same_scores(grads.scores(), hooks.scores(), method)
+    assert [len(h) for h in grads.scores().heads] == [3, 3, 3]
+    hooks.detach()
+    grads.detach()
+
+
+def test_grads_source_counts_only_explicit_calls_with_gradients(seed):
+    model = tiny_model("bert", "seq")
+    tracker = ImportanceTracker(model, source="grads")
+    batch = random_batch(model)
+    model(**batch).logits.sum().backward()  # no hooks: nothing is counted by backward itself
+    assert tracker.num_batches == 0
+    tracker.accumulate_from_grads()
+    assert tracker.num_batches == 1
+    model.zero_grad(set_to_none=True)
+    tracker.accumulate_from_grads()  # no .grad at all: not a batch
+    assert tracker.num_batches == 1
+    model(**batch).logits.sum().backward()
+    tracker.detach()
+    tracker.accumulate_from_grads()  # detached: stops accumulating, like the hooks
+    assert tracker.num_batches == 1
+    with pytest.raises(RuntimeError, match="source='grads'"):
+        ImportanceTracker(model).accumulate_from_grads()
+    with pytest.raises(ValueError, match="source must be"):
+        ImportanceTracker(model, source="ddp")
+    # Pruned without reset(): the accumulators no longer fit.
+    tracker.attach()
+    prune_(model, heads=[[0, 1]] * 3)
+    model(**batch).logits.sum().backward()
+    with pytest.raises(RuntimeError, match="call reset"):
+        tracker.accumulate_from_grads()
+
+
+@pytest.mark.parametrize("source", ["hooks", "grads"])
+@pytest.mark.parametrize("method", ["taylor", "mask"])
+def test_state_round_trip_continues_like_an_uninterrupted_tracker(method, source, seed, tmp_path):
+    model = tiny_model("roberta", "seq")
+    reference = ImportanceTracker(model, method=method, source=source)
+    first = ImportanceTracker(model, method=method, source=source)
+    _train_steps(model, [reference, first], steps=2)
+    state = first.state_dict()
+    first.detach()
+    torch.save(state, tmp_path / "importance.pt")  # as a trainer checkpoint stores it
+    saved = torch.load(tmp_path / "importance.pt", weights_only=True)
+    assert saved["method"] == method and saved["counts"] == [[2] * len(saved["counts"][0])] * 3
+    resumed = ImportanceTracker(model, method=method, source=source)
+    resumed.load_state_dict(saved)
+    assert resumed.num_batches == 2
+    _assert_same_scores(resumed.scores(), first.scores(), "taylor")  # loaded exactly
+    _train_steps(model, [reference, first, resumed], steps=1)
+    assert first.num_batches == 2  # detached: the saved state is a copy that stays put
+    assert torch.equal(state["sums"][0][0], saved["sums"][0][0])
+    _assert_same_scores(resumed.scores(), reference.scores(), "taylor")
+    # The sums mean the same for both sources, so the state moves across them.
+    other = ImportanceTracker(model, method=method,
+                              source="grads" if source == "hooks" else "hooks")
+    other.load_state_dict(resumed.state_dict())
+    _assert_same_scores(other.scores(), resumed.scores(), "taylor")
+    for tracker in (reference, resumed, other):
+        tracker.detach()
+
+
+def test_state_of_another_method_or_shape_is_rejected(seed):
+    model = tiny_model("bert", "seq")
+    taylor = ImportanceTracker(model)
+    _train_steps(model, [taylor], steps=1)
+    state = taylor.state_dict()
+    taylor.detach()
+    mask = ImportanceTracker(model, method="mask")
+    with pytest.raises(ValueError, match="method 'taylor'"):
+        mask.load_state_dict(state)
+    mask.detach()
+    prune_(model, ffn=[list(range(20))] * 3)
+    pruned = ImportanceTracker(model)
+    with pytest.raises(ValueError, match="another shape"):
+        pruned.load_state_dict(state)
+    assert pruned.num_batches == 0  # nothing half-loaded
+    pruned.detach()
+
+
 def test_scores_drive_per_layer_top_k(seed):
     model = tiny_model("bert", "seq")
     adapter = adapter_for(model)

@@ -148,6 +148,66 @@ def test_depth_then_state_round_trip(seed):
     assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))
 
 
+def _step_with_loss(model, schedule, optimizer, batch):
+    schedule.step(model, optimizer)
+    model(**batch, labels=torch.tensor([0, 1, 2])).loss.backward()
+    if schedule.importance_source == "grads":
+        schedule.accumulate_from_grads()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("source", ["hooks", "grads"])
+def test_resume_between_events_prunes_on_the_same_scores(source, seed, tmp_path):
+    model = tiny_model("bert", "seq")  # eval mode: no dropout, runs are repeatable
+    resumed_model = clone(model)
+    batches = [random_batch(model) for _ in range(5)]
+    options = dict(interval=3, selection="global", importance_source=source)
+    schedule = PruningSchedule.width(model, heads=2, ffn=16, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for batch in batches[:2]:  # importance gathered towards the event after update 3
+        _step_with_loss(model, schedule, optimizer, batch)
+    torch.save(schedule.state_dict(), tmp_path / "schedule.pt")
+    state = torch.load(tmp_path / "schedule.pt", weights_only=True)
+
+    # The resumed copy: weights as the checkpoint holds them, schedule from its state alone.
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = PruningSchedule.from_state_dict(resumed_model, state)
+    assert (resumed.selection, resumed.importance_source) == ("global", source)
+    assert (resumed.steps_done, resumed.next_event, resumed.events) == (
+        2, 0, schedule.events)
+    assert resumed.tracker.num_batches == 2
+    resumed_optimizer = torch.optim.SGD(resumed_model.parameters(), lr=0.05)
+    for batch in batches[2:]:  # through the event and one update past it
+        _step_with_loss(model, schedule, optimizer, batch)
+        _step_with_loss(resumed_model, resumed, resumed_optimizer, batch)
+    assert model_layout(model).heads == model_layout(resumed_model).heads
+    for (name, value), resumed_value in zip(
+        model.state_dict().items(), resumed_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, resumed_value), name
+
+
+def test_restoring_a_state_that_does_not_fit_is_rejected(seed):
+    model = tiny_model("bert", "seq")
+    schedule = PruningSchedule.width(model, heads=2, interval=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    _step_with_loss(model, schedule, optimizer, random_batch(model))
+    state = schedule.state_dict()
+    with pytest.raises(ValueError, match="method 'taylor'"):
+        PruningSchedule.from_state_dict(clone(model), state, method="mask")
+    with pytest.raises(ValueError, match="unknown schedule options"):
+        PruningSchedule.from_state_dict(clone(model), state, interval=3)
+    # A model already at the target cannot take the remaining events.
+    small = clone(model)
+    prune_(small, heads=[[0, 1]] * 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        PruningSchedule.from_state_dict(small, state)
+    with pytest.raises(RuntimeError, match="importance_source='grads'"):
+        schedule.accumulate_from_grads()
+    schedule.tracker.detach()
+
+
 def test_optimizer_can_keep_the_state_of_unpruned_parameters(seed):
     model = tiny_model("bert", "seq")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -17,6 +17,16 @@ At an event the schedule reads the scores gathered since the previous event, pru
 :func:`prune_`, re-points the optimizer at the new parameters and resets its state, and restarts
 importance accumulation.
 
+Under ``DistributedDataParallel`` the hooks see each rank's local gradient; pass
+``importance_source="grads"`` and call :meth:`PruningSchedule.accumulate_from_grads` after
+``backward()`` (and before ``optimizer.step()``) instead, so that importance comes from the
+gradient DDP averaged and every process count prunes the same units (see
+:mod:`.importance`).
+
+To resume, save :meth:`PruningSchedule.state_dict` (events, progress, options and the importance
+gathered since the last event) next to the pruned model and rebuild with
+:meth:`PruningSchedule.from_state_dict`.
+
 Timing (decided here, documented against ROSITA): with ``T`` events spread over a fraction ``p``
 of ``N`` training steps, the interval is ``P = floor(p * N / T)`` and event ``k`` fires after
 exactly ``k * P`` optimizer updates. ROSITA fires after ``k * P - 1`` (method section 7, item 13);
@@ -26,15 +36,15 @@ the off-by-one is not reproduced. Amounts are linear in the event index,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..models.student import ModelLayout, model_layout
-from .importance import ImportanceMethod, ImportanceTracker
+from .importance import ImportanceMethod, ImportanceSource, ImportanceTracker
 from .optimizer import OptimizerStatePolicy, group_names, rebuild_optimizer_
 from .prune import prune_
 from .selection import global_targets
@@ -42,6 +52,9 @@ from .selection import global_targets
 __all__ = ["PruningEvent", "PruningSchedule", "Selection", "linear_sizes"]
 
 Selection = Literal["layer", "global"]
+
+# Constructor options that state_dict() records, so that from_state_dict() can rebuild alone.
+_OPTIONS = ("method", "selection", "normalize", "optimizer_state", "importance_source")
 
 
 def linear_sizes(start: int, target: int, num_events: int) -> list[int]:
@@ -144,6 +157,8 @@ class PruningSchedule:
         normalize: per-layer score normalization for global selection.
         optimizer_state: ``"reset"`` (ROSITA) or ``"keep_unpruned"``; see
             :func:`~.optimizer.rebuild_optimizer_`.
+        importance_source: ``"hooks"`` (importance gathers by itself during ``backward()``) or
+            ``"grads"`` (the loop calls :meth:`accumulate_from_grads`; exact under DDP).
     """
 
     model: nn.Module = field(repr=False)
@@ -155,14 +170,22 @@ class PruningSchedule:
     steps_done: int = 0
     next_event: int = 0
     tracker: ImportanceTracker | None = field(default=None, repr=False)
+    importance_source: ImportanceSource = "hooks"
 
     def __post_init__(self) -> None:
         if self.selection not in ("layer", "global"):
             raise ValueError(f"selection must be 'layer' or 'global', got {self.selection!r}")
+        if self.importance_source not in ("hooks", "grads"):
+            raise ValueError("importance_source must be 'hooks' or 'grads', got "
+                             f"{self.importance_source!r}")
         self.events = list(self.events)
         _check_events(self.events[self.next_event :], model_layout(self.model))
-        if any(e.needs_scores for e in self.events[self.next_event :]):
-            self.tracker = ImportanceTracker(self.model, method=self.method)
+        self.tracker = self._tracker_for(self.events[self.next_event :])
+
+    def _tracker_for(self, remaining: list[PruningEvent]) -> ImportanceTracker | None:
+        if not any(e.needs_scores for e in remaining):
+            return None
+        return ImportanceTracker(self.model, method=self.method, source=self.importance_source)
 
     # ---- constructors ----------------------------------------------------------------------
 
@@ -302,6 +325,22 @@ class PruningSchedule:
             self.tracker = None
         return fired
 
+    def accumulate_from_grads(self) -> None:
+        """With ``importance_source="grads"``: add the current ``.grad`` to the importance.
+
+        Call once per optimizer step, after ``backward()`` and before ``optimizer.step()``; see
+        :meth:`.ImportanceTracker.accumulate_from_grads`. A no-op when no remaining event needs
+        importance.
+
+        Raises:
+            RuntimeError: the schedule gathers importance through hooks.
+        """
+        if self.importance_source != "grads":
+            raise RuntimeError("accumulate_from_grads() needs importance_source='grads'; this "
+                               "schedule's hooks already accumulate")
+        if self.tracker is not None:
+            self.tracker.accumulate_from_grads()
+
     def _fire(self, event: PruningEvent, optimizer: torch.optim.Optimizer | None) -> None:
         scores = self.tracker.scores() if event.needs_scores and self.tracker else None
         heads, ffn = event.heads, event.ffn
@@ -323,20 +362,78 @@ class PruningSchedule:
         if self.tracker is not None:
             self.tracker.reset()
 
-    def state_dict(self) -> dict:
-        """Events and progress, for resuming next to a checkpoint of the (pruned) model."""
-        return {
+    def state_dict(self) -> dict[str, Any]:
+        """Events, progress, options and the importance gathered since the last event.
+
+        Save it next to a checkpoint of the (pruned) model; :meth:`from_state_dict` rebuilds an
+        equal schedule on that model, which then prunes on the same scores as an uninterrupted
+        run. ``importance`` is the tracker's :meth:`~.ImportanceTracker.state_dict` (``None``
+        when no remaining event needs it); with ``importance_source="hooks"`` under DDP that is
+        the saving rank's local share only.
+        """
+        state: dict[str, Any] = {
             "events": [asdict(e) for e in self.events],
             "steps_done": self.steps_done,
             "next_event": self.next_event,
         }
+        state.update({name: getattr(self, name) for name in _OPTIONS})
+        state["importance"] = self.tracker.state_dict() if self.tracker is not None else None
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output; importance accumulation restarts from zero."""
-        self.events = [PruningEvent(**e) for e in state["events"]]
-        self.steps_done = int(state["steps_done"])
-        self.next_event = int(state["next_event"])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output into this schedule, on the checkpoint's model.
+
+        Events, progress and importance come from ``state``; the options stay this schedule's
+        own (:meth:`from_state_dict` takes them from ``state``). States without ``importance``
+        (older ones) restart accumulation from zero. Nothing changes when it raises.
+
+        Raises:
+            ValueError: the remaining events do not fit the model, or the saved importance does
+                not fit the tracker (another method or model shape).
+        """
+        events = [PruningEvent(**e) for e in state["events"]]
+        steps_done, next_event = int(state["steps_done"]), int(state["next_event"])
+        if not 0 <= next_event <= len(events) or steps_done < 0:
+            raise ValueError(f"inconsistent schedule progress: next event {next_event} of "
+                             f"{len(events)}, {steps_done} steps done")
+        remaining = events[next_event:]
+        _check_events(remaining, model_layout(self.model))
+        tracker = self._tracker_for(remaining)
+        importance = state.get("importance")
+        try:
+            if importance is not None:
+                if tracker is None:
+                    raise ValueError("the state holds importance but no remaining event needs it")
+                tracker.load_state_dict(importance)
+        except ValueError:
+            if tracker is not None:
+                tracker.detach()  # its mask hooks must not stay on the model
+            raise
         if self.tracker is not None:
             self.tracker.detach()
-        needs = any(e.needs_scores for e in self.events[self.next_event :])
-        self.tracker = ImportanceTracker(self.model, method=self.method) if needs else None
+        self.events, self.steps_done, self.next_event = events, steps_done, next_event
+        self.tracker = tracker
+
+    @classmethod
+    def from_state_dict(
+        cls, model: nn.Module, state: Mapping[str, Any], **options: Any
+    ) -> PruningSchedule:
+        """The schedule that :meth:`state_dict` describes, attached to ``model``.
+
+        ``model`` must have the shape the schedule had reached (e.g. the model of the same
+        checkpoint). Options (``method``, ``selection``, ``normalize``, ``optimizer_state``,
+        ``importance_source``) default to the saved ones; ``options`` override them (e.g. a
+        different ``importance_source``: the saved importance means the same for both).
+
+        Raises:
+            ValueError: as :meth:`load_state_dict`, or unknown options.
+        """
+        unknown = set(options) - set(_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown schedule options {sorted(unknown)}; expected some of "
+                             f"{list(_OPTIONS)}")
+        merged = {name: state[name] for name in _OPTIONS if name in state}
+        merged.update(options)
+        schedule = cls(model, [], **merged)
+        schedule.load_state_dict(state)
+        return schedule

@@ -1,5 +1,13 @@
 """Turning a :class:`~.config.PruningConfig` into the compress engine's
-:class:`~rosita_fast.compress.PruningSchedule`, fresh or from a checkpoint."""
+:class:`~rosita_fast.compress.PruningSchedule`, fresh or from a checkpoint.
+
+The trainer's schedules gather importance from ``.grad`` (``importance_source="grads"``), which
+the trainer feeds once per update with :meth:`PruningSchedule.accumulate_from_grads`. Under DDP
+``.grad`` then holds the gradient averaged over ranks, so every rank accumulates the importance
+of the global batch and prunes exactly what a single process would; the hooks would see each
+rank's local gradient instead, and Taylor's ``mean |g|`` of local gradients is not that of the
+global one. A single process uses the same mode, so both are one computation.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +15,16 @@ from typing import Any
 
 from torch import nn
 
-from ..compress import PruningEvent, PruningSchedule
+from ..compress import PruningSchedule
 from .config import PruningConfig
-from .errors import TrainConfigError
+from .errors import CheckpointError, TrainConfigError
 
-__all__ = ["build_schedule", "event_due", "restore_schedule"]
+__all__ = ["build_schedule", "restore_schedule"]
 
 
 def _options(config: PruningConfig) -> dict[str, Any]:
     return {"method": config.method, "selection": config.selection,
-            "optimizer_state": config.optimizer_state}
+            "optimizer_state": config.optimizer_state, "importance_source": "grads"}
 
 
 def build_schedule(model: nn.Module, config: PruningConfig, total_steps: int) -> PruningSchedule:
@@ -56,18 +64,15 @@ def restore_schedule(model: nn.Module, config: PruningConfig, state: dict[str, A
                      ) -> PruningSchedule:
     """The schedule of a checkpoint, attached to the checkpoint's (already pruned) model.
 
-    The saved events are used as they are: recomputing them from the pruned model would give
-    a different trajectory.
+    The saved events are used as they are (recomputing them from the pruned model would give a
+    different trajectory), and so is the importance gathered since the last event.
+
+    Raises:
+        CheckpointError: the saved schedule does not fit the model or the configuration.
     """
-    return PruningSchedule(
-        model,
-        [PruningEvent(**e) for e in state["events"]],
-        steps_done=int(state["steps_done"]),
-        next_event=int(state["next_event"]),
-        **_options(config),
-    )
+    try:
+        return PruningSchedule.from_state_dict(model, state, **_options(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's pruning schedule cannot be restored: {exc}"
+                              ) from exc
 
-
-def event_due(schedule: PruningSchedule) -> bool:
-    """Whether the next :meth:`PruningSchedule.step` call will prune."""
-    return not schedule.done and schedule.events[schedule.next_event].step <= schedule.steps_done

@@ -51,11 +51,10 @@ from .distributed import DistContext, init_distributed
 from .errors import CheckpointError, TrainConfigError
 from .eval_log import append_eval_record, truncate_eval_log
 from .evaluation import evaluate
-from .importance_state import all_reduce_importance_, importance_state, load_importance_state_
 from .lr_schedule import LRSchedule
 from .optim import build_optimizer
 from .progress import LossMeter, StageProgress, describe_shape
-from .pruning import build_schedule, event_due, restore_schedule
+from .pruning import build_schedule, restore_schedule
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .sampler import ResumableSampler
 from .selection import ModelSelection
@@ -65,7 +64,9 @@ __all__ = ["TrainResult", "Trainer", "train_stage"]
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # Options that do not change what is computed; a resumed run may change them.
 _RESUME_FREE = {"progress", "num_workers", "device"}
-_STATE_FORMAT = 1
+# 2: importance lives in the pruning schedule's state (one copy, the same on every rank), and
+# is gathered from the DDP-averaged gradient; format-1 checkpoints held per-rank hook sums.
+_STATE_FORMAT = 2
 _REFRESH_EVERY = 10  # updates between progress-bar refreshes (each one reads the loss back)
 
 
@@ -327,17 +328,15 @@ class Trainer:
             raise CheckpointError(f"the checkpoint was written by {len(per_rank)} processes; "
                                   f"resume with the same number (now {self.dist.world_size})")
         mine = per_rank[self.dist.rank]
-        load_importance_state_(self.schedule.tracker if self.schedule else None,
-                               mine["importance"])
         restore_rng_state(mine["rng"])
         self._loss_window = mine["loss_window"]
         if self.dist.is_main:
             truncate_eval_log(self.output_dir / EVAL_LOG_FILE, self.steps_done)
 
     def _trainer_state(self) -> dict[str, Any] | None:
-        tracker = self.schedule.tracker if self.schedule else None
+        # The schedule's state holds the importance: gathered from averaged gradients, it is
+        # the same on every rank, so rank 0's copy is the only one saved.
         per_rank = self.dist.gather({"rng": capture_rng_state(),
-                                     "importance": importance_state(tracker),
                                      "loss_window": self._loss_window})
         if not self.dist.is_main:
             return None
@@ -390,8 +389,6 @@ class Trainer:
         schedule = self.schedule
         if schedule is None or schedule.done:
             return
-        if event_due(schedule):
-            all_reduce_importance_(schedule.tracker)
         if schedule.step(self.model, self.optimizer):
             self.lr_schedule.reanchor(self.steps_done)
             self._wrap_model()
@@ -411,6 +408,10 @@ class Trainer:
         result = self.kd(student_out, teacher_out, attention_mask=inputs.get("attention_mask"),
                          labels=labels)
         result.loss.backward()
+        if self.schedule is not None:
+            # Here .grad holds the gradient DDP averaged over ranks (the global batch's), before
+            # clipping and the update change it: importance every process count agrees on.
+            self.schedule.accumulate_from_grads()
         if self.config.optimizer == "adamw" and self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
