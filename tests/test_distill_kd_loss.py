@@ -12,9 +12,12 @@ from rosita_fast.distill import (
     KDLoss,
     LossFunctions,
     apply_relu_before_classifier,
+    attention_mse,
+    hidden_mse,
     soft_cross_entropy,
     teacher_forward,
 )
+from rosita_fast.distill.losses import attention_mse_count, hidden_mse_count
 
 transformers = pytest.importorskip("transformers")
 
@@ -243,3 +246,100 @@ def test_config_validation_and_round_trip():
         KDConfig(prediction_weight=0.0)
     with pytest.raises(ValueError, match="prediction_loss"):
         KDConfig(prediction_loss="mse")
+
+
+# ---- data-parallel normalisation -------------------------------------------------------------
+
+def _padded(lengths, seed):
+    """Rows of the given real lengths, padded (id 0, mask 0) to the longest, as dynamic padding
+    pads each process's share of a batch."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(5, 120, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids[mask == 0] = 0
+    labels = torch.randint(0, 3, (len(lengths),), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": labels}
+
+
+def _student_grads(student, teacher, kd, batch):
+    """The loss output and the student's parameter gradients on ``batch``."""
+    student.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = kd(student(**inputs, **kd.model_kwargs()), teacher_forward(teacher, batch, kd),
+             attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def test_rescaled_token_terms_give_the_global_batch_gradient():
+    # Two simulated ranks hold 17 and 8 real tokens (padded to 10 and 5); DDP averages their
+    # gradients. Only with the rescaling is that average the global batch's gradient.
+    teacher, student = _bert(4, 4, seed=0), _bert(2, 2, seed=1, dropout=0.0).eval()
+    config = KDConfig(hidden_weight=1.0, attention_weight=1.0, attention_average_heads=True,
+                      gold_weight=0.5, layer_map="uniform")
+    lengths = [10, 7, 5, 3]
+    full = _padded(lengths, seed=2)
+    shares = [{k: v[rows, :width] if v.dim() == 2 else v[rows] for k, v in full.items()}
+              for rows, width in ((slice(0, 2), 10), (slice(2, 4), 5))]
+    global_out, want = _student_grads(student, teacher, KDLoss(config), full)
+
+    local_counts = []
+
+    def record(counts):  # identity: every rank's counts are its own mean, i.e. no rescaling
+        local_counts.append(counts.clone())
+        return counts
+
+    plain = [_student_grads(student, teacher, KDLoss(config, average_counts=record), share)
+             for share in shares]
+    # One collective per loss evaluation, carrying the token count and the token-pair count.
+    assert [c.tolist() for c in local_counts] == [[17.0, 149.0], [8.0, 34.0]]
+    mean_counts = torch.stack(local_counts).mean(0)
+    scaled = [_student_grads(student, teacher,
+                             KDLoss(config, average_counts=lambda counts: mean_counts), share)
+              for share in shares]
+
+    def ddp_average(results):
+        return {n: (results[0][1][n] + results[1][1][n]) / 2 for n in want}
+
+    got, unscaled = ddp_average(scaled), ddp_average(plain)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Without the rescaling the ranks' 8 short-sequence tokens weigh twice as much as the rest.
+    assert any(not torch.allclose(unscaled[n], want[n], rtol=1e-2, atol=1e-5) for n in want)
+    # The ranks' losses average to the global loss; the reported terms stay per-rank means.
+    mean_loss = (scaled[0][0].loss + scaled[1][0].loss) / 2
+    assert mean_loss.item() == pytest.approx(global_out.loss.item(), rel=1e-5)
+    for (s_out, _), (p_out, _) in zip(scaled, plain, strict=True):
+        assert s_out.terms.keys() == p_out.terms.keys() == global_out.terms.keys()
+        for term in s_out.terms:
+            assert torch.equal(s_out.terms[term], p_out.terms[term]), term
+    student.zero_grad(set_to_none=True)
+
+
+def test_no_count_collective_without_token_terms(models, batch):
+    calls = []
+    kd = KDLoss(KDConfig(gold_weight=1.0), average_counts=lambda c: calls.append(c) or c)
+    s_out, t_out = _run(models, batch, kd)
+    assert kd(s_out, t_out, attention_mask=batch["attention_mask"],
+              labels=batch["labels"]).loss.item() == pytest.approx(
+        KDLoss(KDConfig(gold_weight=1.0))(s_out, t_out, labels=batch["labels"]).loss.item())
+    assert calls == []  # example-level terms are exact under DDP as they are
+
+
+def test_counts_are_the_denominators_of_the_token_means():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    s, t = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    sq = ((s - t) ** 2).sum(-1)
+    assert hidden_mse_count(s, mask).item() == 6.0
+    assert (hidden_mse(s, t, mask) * hidden_mse_count(s, mask) * 8).item() == pytest.approx(
+        sq[mask.bool()].sum().item(), rel=1e-6)
+    assert hidden_mse_count(s).item() == 12.0
+    a_s, a_t = torch.rand(3, 2, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g)
+    pair = (mask[:, :, None] * mask[:, None, :]).bool()[:, None].expand(-1, 2, -1, -1)
+    assert attention_mse_count(a_s, mask).item() == 9 + 4 + 1
+    assert (attention_mse(a_s, a_t, mask) * attention_mse_count(a_s, mask) * 2).item() == \
+        pytest.approx(((a_s - a_t) ** 2)[pair].sum().item(), rel=1e-6)
+    assert attention_mse_count(a_s).item() == 3 * 4 * 4

@@ -4,13 +4,14 @@ Every stage prunes during training, so DDP must be rebuilt around the new parame
 ranks must make the same pruning decisions. Dropout is off so that the only differences between
 the 2-process and the 1-process run are float summation orders.
 
-The trainer gathers importance from the gradient DDP has averaged, so even Taylor importance
-(``|w| * mean |g|``, not linear in the gradient) must select the same heads and neurons on 2
-processes as on one. The ``width_fixed`` stage checks that on data whose sequences all have
-the same length: the hidden-state distillation loss is a mean over a batch's real tokens, and
-only with equal token counts per rank is DDP's average of the per-rank means the mean over the
-global batch (with dynamic lengths the two runs optimize slightly different losses, which no
-importance mode can hide, so ``width`` is compared in shape only).
+The ``width`` stage distils hidden states on sequences of different lengths, so the ranks hold
+different numbers of real tokens: DDP's average of per-rank token means would not be the mean
+over the global batch's tokens, and the 2-process run would optimize a different loss. The
+trainer rescales each rank's token-averaged terms by its share of the global token count, and
+this stage must end with the same units kept and the same parameters (to float tolerance) as
+one process. The trainer also gathers importance from the gradient DDP has averaged, so even
+Taylor importance (``|w| * mean |g|``, not linear in the gradient) must select the same heads
+and neurons on 2 processes as on one.
 
 Run as a script, this file is the 2-process worker::
 
@@ -40,7 +41,7 @@ from test_train_support import (
 from rosita_fast.compress import top_k
 from rosita_fast.train import Trainer
 
-_EXACT = "width_fixed"
+_WIDTH = "width"
 
 
 class ScoreRecordingTrainer(Trainer):
@@ -67,30 +68,36 @@ class ScoreRecordingTrainer(Trainer):
         })
 
 
-def exact_trainer(output_dir: Path) -> ScoreRecordingTrainer:
-    """The width stage of :func:`ddp_stages` on sequences of one length (12 tokens)."""
-    config = dict(ddp_stages())["width"]
+def width_trainer(output_dir: Path) -> ScoreRecordingTrainer:
+    """The width stage of :func:`ddp_stages` (the data of :func:`ddp_trainer`: 4-12 tokens per
+    sequence), recording its pruning decisions."""
+    config = dict(ddp_stages())[_WIDTH]
+    train_data = synthetic_data(32, 31)
+    # The point of the stage: unequal lengths, hence unequal token counts per rank.
+    assert len({len(item["input_ids"]) for item in train_data.items}) > 1
     return ScoreRecordingTrainer(
         config, model=tiny_bert(21, layers=3, dropout=0.0),
-        teacher=tiny_bert(22, layers=3, dropout=0.0),
-        train_data=synthetic_data(32, 31, fixed_length=12),
-        eval_data=synthetic_data(16, 32, fixed_length=12), task=TASK, collate_fn=collate(),
-        output_dir=output_dir / _EXACT)
+        teacher=tiny_bert(22, layers=3, dropout=0.0), train_data=train_data,
+        eval_data=synthetic_data(16, 32), task=TASK, collate_fn=collate(),
+        output_dir=output_dir / _WIDTH)
+
+
+def stage_trainer(name: str, output_dir: Path) -> Trainer:
+    """The trainer of stage ``name``, the same in the 2-process worker and in the test."""
+    if name == _WIDTH:
+        return width_trainer(output_dir)
+    return ddp_trainer(name, dict(ddp_stages())[name], output_dir)
 
 
 def _worker(out: Path) -> None:
     from rosita_fast.train import shutdown_distributed
 
     rank = int(os.environ["RANK"])
-    for name, config in ddp_stages():
-        trainer = ddp_trainer(name, config, out)
+    for name, _ in ddp_stages():
+        trainer = stage_trainer(name, out)
         result = trainer.run()
-        torch.save({"state": state_of(trainer.model), "steps": result.steps},
-                   out / f"{name}_rank{rank}.pt")
-    trainer = exact_trainer(out)
-    result = trainer.run()
-    torch.save({"state": state_of(trainer.model), "steps": result.steps,
-                "events": trainer.events}, out / f"{_EXACT}_rank{rank}.pt")
+        torch.save({"state": state_of(trainer.model), "steps": result.steps,
+                    "events": getattr(trainer, "events", [])}, out / f"{name}_rank{rank}.pt")
     shutdown_distributed()
 
 
@@ -117,14 +124,14 @@ def _load(out: Path, name: str, rank: int) -> dict:
     return torch.load(out / f"{name}_rank{rank}.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("name", ["depth", "width", _EXACT])
+@pytest.mark.parametrize("name", ["depth", _WIDTH])
 def test_ranks_stay_in_sync(two_process_run, name):
     rank0, rank1 = _load(two_process_run, name, 0), _load(two_process_run, name, 1)
     assert rank0["steps"] == rank1["steps"] == 8
     assert rank0["state"].keys() == rank1["state"].keys()
     for key in rank0["state"]:
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
-    if name == _EXACT:  # from the averaged gradient, the ranks' importance is bit-identical
+    if name == _WIDTH:  # from the averaged gradient, the ranks' importance is bit-identical
         assert len(rank0["events"]) == len(rank1["events"]) == 2
         for e0, e1 in zip(rank0["events"], rank1["events"], strict=True):
             assert (e0["kept_heads"], e0["kept_ffn"]) == (e1["kept_heads"], e1["kept_ffn"])
@@ -142,26 +149,19 @@ def _assert_close_states(single: dict, ddp: dict) -> None:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("name", ["depth", "width"])
-def test_two_processes_match_one_process(two_process_run, tmp_path, name):
-    config = dict(ddp_stages())[name]
-    trainer = ddp_trainer(name, config, tmp_path)
+def test_depth_stage_on_two_processes_matches_one_process(two_process_run, tmp_path):
+    trainer = stage_trainer("depth", tmp_path)
     result = trainer.run()
-    single = state_of(trainer.model)
-    ddp = _load(two_process_run, name, 0)["state"]
     assert result.steps == 8
-    assert single.keys() == ddp.keys()
-    for key in single:
-        assert single[key].shape == ddp[key].shape, key
-    if name == "width":
-        return  # dynamic lengths: the hidden-state loss is normalized per rank (module docstring)
-    _assert_close_states(single, ddp)
+    _assert_close_states(state_of(trainer.model), _load(two_process_run, "depth", 0)["state"])
 
 
-def test_width_pruning_on_two_processes_keeps_what_one_process_keeps(two_process_run, tmp_path):
-    trainer = exact_trainer(tmp_path)
+def test_width_stage_with_unequal_lengths_matches_one_process(two_process_run, tmp_path):
+    # Hidden-state distillation on sequences of different lengths: exact only because each
+    # rank's token mean is rescaled to its share of the global batch's token mean.
+    trainer = width_trainer(tmp_path)
     result = trainer.run()
-    ddp = _load(two_process_run, _EXACT, 0)
+    ddp = _load(two_process_run, _WIDTH, 0)
     assert result.steps == ddp["steps"] == 8
     assert len(trainer.events) == len(ddp["events"]) == 2  # heads 4 -> 3 -> 2
     for single_event, ddp_event in zip(trainer.events, ddp["events"], strict=True):

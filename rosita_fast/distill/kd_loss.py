@@ -1,4 +1,12 @@
-"""The combined distillation objective, computed from Hugging Face model outputs."""
+"""The combined distillation objective, computed from Hugging Face model outputs.
+
+Under data parallelism each process sees a share of the global batch and DDP averages the
+gradients. For terms that are a mean over examples (prediction, gold labels) that average is the
+global batch's mean, because every process holds the same number of examples. The hidden-state,
+embedding and attention terms are means over *tokens*, whose number differs between processes
+with dynamic padding; :class:`KDLoss` therefore accepts an ``average_counts`` collective and
+rescales those terms so that the averaged gradient is that of the global token mean.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +44,12 @@ class KDLossOutput:
     """Result of :class:`KDLoss`.
 
     Attributes:
-        loss: the weighted total, to call ``backward()`` on.
-        terms: each active term *before* weighting, detached (``pred``, ``embedding``, ``hidden``,
-            ``attention``, ``gold``); ``hidden``/``attention`` are summed over mapped layers.
+        loss: the weighted total, to call ``backward()`` on. With ``average_counts`` (data
+            parallel) its token-averaged terms are rescaled, so it is this process's share of the
+            global loss: its mean over processes is the global batch's loss.
+        terms: each active term *before* weighting and rescaling, detached (``pred``,
+            ``embedding``, ``hidden``, ``attention``, ``gold``): means over this process's
+            batch; ``hidden``/``attention`` are summed over mapped layers.
     """
 
     loss: torch.Tensor
@@ -67,11 +78,27 @@ class KDLoss:
     Args:
         config: the terms and options; default: prediction distillation only.
         functions: per-term implementations (default: the plain-PyTorch reference).
+        average_counts: for data-parallel training, a collective that maps this process's token
+            counts (a 1-D float64 tensor) to their element-wise mean over the processes whose
+            gradients are averaged, e.g. an ``all_reduce`` divided by the world size. Each
+            token-averaged term (embedding, hidden, attention) is then multiplied by
+            ``local count / mean count``, i.e. it becomes ``local sum * R / global count``, and
+            averaging the gradients over the ``R`` processes gives exactly the gradient of the
+            mean over the global batch's tokens. It is called once per loss evaluation, on every
+            process alike, and only when such a term is active. ``None`` (default): plain
+            per-process means, right for a single process.
     """
 
-    def __init__(self, config: KDConfig | None = None, *, functions: LossFunctions | None = None):
+    def __init__(
+        self,
+        config: KDConfig | None = None,
+        *,
+        functions: LossFunctions | None = None,
+        average_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.config = config or KDConfig()
         self.fn = functions or REFERENCE_FUNCTIONS
+        self.average_counts = average_counts
         # Resolved per (teacher, student) depth: the student's depth changes during depth pruning.
         self._maps: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
@@ -127,24 +154,35 @@ class KDLoss:
         terms: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
 
-        def add(name: str, weight: float, value: torch.Tensor) -> None:
+        def add(name: str, weight: float, value: torch.Tensor,
+                scale: torch.Tensor | None = None) -> None:
             nonlocal total
             terms[name] = value.detach()
+            if scale is not None:
+                value = value * scale.to(value.dtype)  # float64 counts must not up-cast the loss
             total = weight * value if total is None else total + weight * value
 
         if self.needs_teacher and teacher_outputs is None:
             raise ValueError("this distillation config needs teacher outputs")
+        # Every term is computed (and validated) before the count collective runs, so a bad
+        # input raises its own error rather than one from the collective.
+        pred = embedding = hidden = attention = None
         if c.prediction_weight:
-            add("pred", c.prediction_weight, self._prediction(student_outputs, teacher_outputs))
+            pred = self._prediction(student_outputs, teacher_outputs)
         if self.needs_hidden_states:
             embedding, hidden = self._hidden(student_outputs, teacher_outputs, attention_mask)
-            if c.effective_embedding_weight and embedding is not None:
-                add("embedding", c.effective_embedding_weight, embedding)
-            if c.hidden_weight and hidden is not None:
-                add("hidden", c.hidden_weight, hidden)
         if c.attention_weight:
-            add("attention", c.attention_weight,
-                self._attention(student_outputs, teacher_outputs, attention_mask))
+            attention = self._attention(student_outputs, teacher_outputs, attention_mask)
+        hidden_scale, attention_scale = self._data_parallel_scales(student_outputs,
+                                                                   attention_mask)
+        if pred is not None:
+            add("pred", c.prediction_weight, pred)
+        if c.effective_embedding_weight and embedding is not None:
+            add("embedding", c.effective_embedding_weight, embedding, hidden_scale)
+        if c.hidden_weight and hidden is not None:
+            add("hidden", c.hidden_weight, hidden, hidden_scale)
+        if attention is not None:
+            add("attention", c.attention_weight, attention, attention_scale)
         if c.gold_weight:
             if labels is None:
                 raise ValueError("gold_weight > 0 needs labels")
@@ -153,6 +191,34 @@ class KDLoss:
         if total is None:
             raise ValueError("the layer mapping selects no hidden-state pair; nothing to compute")
         return KDLossOutput(total, terms)
+
+    def _data_parallel_scales(
+        self, student: Any, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``local count / mean count over processes`` for the hidden-state terms (embedding
+        included) and the attention term; ``None`` where not rescaled.
+
+        One collective carries both counts. Its use depends only on the config, never on the
+        data, so every process calls it at the same steps.
+        """
+        if self.average_counts is None:
+            return None, None
+        counts: list[torch.Tensor] = []
+        if self.needs_hidden_states:
+            token_mask = None if self.config.hidden_include_padding else mask
+            counts.append(losses.hidden_mse_count(_get(student, "hidden_states")[0], token_mask))
+        if self.needs_attentions:
+            counts.append(losses.attention_mse_count(_get(student, "attentions")[0], mask))
+        if not counts:
+            return None, None
+        local = torch.stack(counts)
+        mean = self.average_counts(local)
+        # A count is 0 on every process only if no process has a real token; the term is then 0
+        # everywhere (its mean divides a zero sum), and a scale of 0 keeps it so instead of NaN.
+        scales = local / mean.clamp_min(torch.finfo(torch.float64).tiny)
+        hidden_scale = scales[0] if self.needs_hidden_states else None
+        attention_scale = scales[-1] if self.needs_attentions else None
+        return hidden_scale, attention_scale
 
     def _prediction(self, student: Any, teacher: Any) -> torch.Tensor:
         s, t = _get(student, "logits"), _get(teacher, "logits")

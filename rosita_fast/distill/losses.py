@@ -3,6 +3,10 @@
 Every function is pure: tensors in, a scalar tensor out, differentiable with respect to the
 student argument. Computation happens in float32 at least (inputs in bf16/fp16 are up-cast) so the
 values are comparable across precisions. Fused kernels implement the same signatures.
+
+The token-averaged terms (:func:`hidden_mse`, :func:`attention_mse`) have companions
+(:func:`hidden_mse_count`, :func:`attention_mse_count`) that return how many positions they average
+over; data-parallel training needs those counts to turn per-process means into a global mean.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "attention_mse",
+    "attention_mse_count",
     "gold_label_loss",
     "hidden_mse",
+    "hidden_mse_count",
     "kl_divergence",
     "logits_mse",
     "soft_cross_entropy",
@@ -141,6 +147,41 @@ def attention_mse(
     pair = mask[:, None, :, None] * mask[:, None, None, :]
     count = pair.sum().clamp_min(1.0) * heads
     return ((s - t).pow(2) * pair).sum() / count
+
+
+def hidden_mse_count(
+    student_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many token positions :func:`hidden_mse` averages over, as a float64 scalar.
+
+    Takes the same arguments as :func:`hidden_mse` (the teacher's are not needed). The feature
+    dimension is left out: it is the same in every process, so it cancels in ratios of counts,
+    which is all data-parallel normalisation uses.
+    """
+    batch, seq = student_hidden.shape[0], student_hidden.shape[1]
+    mask = _token_mask(attention_mask, batch, seq)
+    if mask is None:
+        return torch.tensor(float(batch * seq), dtype=torch.float64, device=student_hidden.device)
+    return mask.to(torch.float64).sum()
+
+
+def attention_mse_count(
+    student_attention: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many (query, key) token pairs :func:`attention_mse` averages over, as a float64 scalar.
+
+    Takes the same arguments as :func:`attention_mse`. The head count is left out: it may differ
+    between layers (width pruning) but not between processes, so it cancels in ratios of counts.
+    """
+    if student_attention.dim() != 4:
+        raise ValueError("attention maps must be (batch, heads, query, key)")
+    batch, _, seq, keys = student_attention.shape
+    mask = _token_mask(attention_mask, batch, seq)
+    if mask is None:
+        return torch.tensor(float(batch * seq * keys), dtype=torch.float64,
+                            device=student_attention.device)
+    # sum_b (sum_i m_bi)^2 == sum_b sum_ij m_bi m_bj: the pair mask's sum, without building it.
+    return mask.to(torch.float64).sum(dim=1).square().sum()
 
 
 def gold_label_loss(

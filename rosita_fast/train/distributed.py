@@ -52,6 +52,15 @@ class DistContext:
         dist.gather_object(value, out, dst=0)
         return out
 
+    def mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean of ``tensor`` over all ranks, as a new tensor (``tensor``
+        itself in a single process). A collective: every rank must call it, in the same order."""
+        if not self.distributed:
+            return tensor
+        total = tensor.detach().clone()  # all_reduce works in place; the caller's stays intact
+        dist.all_reduce(total)
+        return total / self.world_size
+
     def barrier(self) -> None:
         """Wait until every rank gets here."""
         if self.distributed:

@@ -15,7 +15,10 @@ A stage is what one run of the method's ``train.py`` does (method sections 3.4-3
 Constructing a :class:`Trainer` performs every check (options, data, teacher, pruning targets,
 output directory) and loads the checkpoint when resuming; :meth:`Trainer.run` trains. Under
 ``torchrun`` the same code runs in every process: each takes its share of every global batch,
-DDP averages the gradients, and only rank 0 evaluates and writes files.
+DDP averages the gradients, and only rank 0 evaluates and writes files. The token-averaged
+distillation terms are rescaled by each rank's share of the global batch's tokens (one small
+all-reduce per update), so the averaged gradient is the one a single process would compute on
+the whole global batch, whatever the sequence lengths.
 """
 
 from __future__ import annotations
@@ -192,7 +195,10 @@ class Trainer:
         config = self.config
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TrainConfigError("model must be a Hugging Face sequence classifier")
-        self.kd = KDLoss(config.kd)
+        # Distributed, the hidden/attention terms must average over the global batch's tokens,
+        # not each rank's (ranks hold different token counts); see KDLoss's average_counts.
+        self.kd = KDLoss(config.kd, average_counts=self.dist.mean_over_ranks
+                         if self.dist.distributed else None)
         if self.kd.needs_teacher and teacher is None:
             raise TrainConfigError("the distillation config needs a teacher (prediction, hidden "
                                    "or attention weights are set); pass teacher=... or use "
@@ -471,15 +477,11 @@ class Trainer:
         return self.steps_done % self.checkpoint_every == 0 or self.finished
 
     def _mean_loss(self, meter: LossMeter) -> float | None:
-        # The mean over all ranks' updates since the last evaluation.
+        # The mean over all ranks' updates since the last evaluation. Each rank's loss is its
+        # share of the global loss (token terms rescaled), so this is the global batches' mean.
         if meter.count == 0:
             return None
-        value = meter.sum / meter.count
-        if self.dist.distributed:
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-            value /= self.dist.world_size
-        return float(value.item())
+        return float(self.dist.mean_over_ranks(meter.sum / meter.count).item())
 
     def _evaluate_and_select(self, progress: StageProgress, train_loss: float | None) -> None:
         decision = None
