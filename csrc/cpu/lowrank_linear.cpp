@@ -19,7 +19,7 @@ namespace {
 
 constexpr int64_t kMaxBlockRows = 64;
 // One output chunk of the forward (bytes): small enough to stay in L1/L2 through its epilogue.
-constexpr int64_t kChunkBytes = 64 * 1024;
+constexpr int64_t kChunkBytes = 256 * 1024;
 // Narrowest column group worth a thread of its own in the forward.
 constexpr int64_t kMinGroupCols = 64;
 // Budget for one output block of the backward (bytes): roughly half of a per-core L2.
