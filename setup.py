@@ -87,6 +87,8 @@ setup(
     # The Triton kernels live in the top-level kernels/ directory but ship as rosita_fast.kernels:
     # a top-level module named `kernels` would collide with an unrelated PyPI package.
     package_dir={"rosita_fast.kernels": "kernels"},
+    # The shipped recipes (rosita_fast/recipes/*.yaml) are data, not modules.
+    package_data={"rosita_fast": ["recipes/*.yaml", "recipes/*.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[
@@ -99,7 +101,9 @@ setup(
         "tqdm",
         "pyyaml",
         "numpy",
+        "matplotlib",  # the pipeline's report plot
     ],
+    entry_points={"console_scripts": ["rosita=rosita_fast.cli:main"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ruff", "ninja", "matplotlib"],
     },

