@@ -30,19 +30,3 @@ def apply_activation(z: torch.Tensor, name: str) -> torch.Tensor:
         return F.gelu(z, approximate="tanh")
     raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
 
-
-def activation_from_module(module: torch.nn.Module | None) -> str | None:
-    """The epilogue name for an activation module (or HF activation object), None if unknown."""
-    if module is None:
-        return "none"
-    name = type(module).__name__
-    if isinstance(module, torch.nn.ReLU):
-        return "relu"
-    if isinstance(module, torch.nn.GELU):
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    # transformers' GELUActivation (erf) and its tanh variants.
-    if name == "GELUActivation":
-        return "gelu"
-    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUTanhActivation"):
-        return "gelu_tanh"
-    return None
