@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rosita_fast.testing import empty
+from rosita_fast._poison import empty
 
 # Keep in sync with csrc/include/rosita_fast/epilogue.h (enum Activation).
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
