@@ -8,7 +8,13 @@ ops (``rosita_fast.ops``) -> kernels (``rosita_fast.kernels``, ``rosita_fast._C`
 from rosita_fast import ops
 from rosita_fast.backends import BACKENDS, available_backends, use_backend
 from rosita_fast.modules import LowRankLinear
-from rosita_fast.swap import LowRankConfig, SwapConfig, SwapReport, swap_
+from rosita_fast.swap import (
+    LowRankConfig,
+    SwapConfig,
+    SwapReport,
+    register_swap_handler,
+    swap_,
+)
 
 # --- compression engine exports (issue 3) ---
 # isort: split
@@ -45,6 +51,7 @@ __all__ = [
     "ops",
     "prune_",
     "prune_vocabulary_",
+    "register_swap_handler",
     "summary",
     "swap_",
     "use_backend",

@@ -1,4 +1,4 @@
-"""Test support: :func:`poison_outputs` makes every buffer a rosita_fast kernel allocates start as NaN.
+"""Test support: :func:`poison_outputs` makes kernel-allocated buffers start as NaN.
 
 Triton launchers allocate through :func:`rosita_fast._poison.empty`, C++ kernels through their
 ``empty_output``; inside the block both fill new buffers with NaN, so an element that a kernel

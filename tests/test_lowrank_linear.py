@@ -7,7 +7,8 @@ import torch
 from kernel_harness import DTYPES, TOLERANCE, assert_close, rand, runnable_backends
 
 import rosita_fast
-from rosita_fast import ops, reference
+from rosita_fast import ops
+from rosita_fast.ops.lowrank_linear import reference_forward
 from rosita_fast.testing import poison_outputs
 
 BACKENDS = runnable_backends("lowrank_linear")
@@ -38,7 +39,7 @@ def _reference64(x, u, v, b, act):
     args = [
         t.detach().double().requires_grad_(True) if t is not None else None for t in (x, u, v, b)
     ]
-    out = reference.lowrank_linear_forward(*args, act)
+    out = reference_forward(*args, act)
     return out, args
 
 
@@ -195,3 +196,52 @@ def test_tolerances_are_meaningful():
     # Guard the harness itself: an fp16 result must not pass at fp32 tolerance by accident.
     ref = torch.randn(64, 64, dtype=torch.float64)
     assert (ref.half().double() - ref).norm() / ref.norm() > TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_autocast_cpu_bf16(backend, act, seed):
+    # fp32 parameters, fp32 input, CPU bf16 autocast: the op casts its inputs (as F.linear does)
+    # instead of rejecting the mix; gradients reach the fp32 parameters in fp32.
+    x, u, v, b = _inputs((3, 5), 40, 36, 12, torch.float32, True, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), rosita_fast.use_backend(backend):
+        out = ops.lowrank_linear(x, u, v, b, act)
+    assert out.dtype == torch.bfloat16
+    ref, _ = _reference64(*(t.detach().to(torch.bfloat16) for t in (x, u, v, b)), act)
+    assert_close(out, ref, torch.bfloat16, f"{backend} autocast forward", k=40)
+    out.float().sum().backward()
+    for t in (x, u, v, b):
+        assert t.grad is not None and t.grad.dtype == torch.float32
+
+
+def test_autocast_leaves_float64_alone(seed):
+    x, u, v, b = _inputs((4,), 10, 8, 3, torch.float64, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.lowrank_linear(x, u, v, b, "relu").dtype == torch.float64
+
+
+@pytest.mark.parametrize("lead", [(7,), (130,), (3, 41)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cpp_without_activation_is_eager(lead, bias, seed):
+    # No epilogue to fuse: the C++ forward issues the same two BLAS calls as eager
+    # F.linear(F.linear(x, v), u, bias), so the results are identical, not merely close.
+    x, u, v, b = _inputs(lead, 64, 300, 16, torch.float32, bias)
+    with rosita_fast.use_backend("cpp"):
+        out = ops.lowrank_linear(x, u, v, b, "none")
+    expected = torch.nn.functional.linear(torch.nn.functional.linear(x, v), u, b)
+    assert torch.equal(out, expected)
+
+
+def test_torch_compile_under_autocast(seed):
+    model = torch.nn.Sequential(
+        rosita_fast.LowRankLinear(32, 48, 8, activation="gelu"),
+        rosita_fast.LowRankLinear(48, 16, 8),
+    )
+    x = rand(5, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = compiled(x), model(x)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, expected.float(), torch.bfloat16, "compiled autocast forward", k=48)
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())

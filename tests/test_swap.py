@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from kernel_harness import assert_close, rand
@@ -9,6 +11,7 @@ from torch import nn
 
 import rosita_fast
 from rosita_fast import LowRankConfig, LowRankLinear, swap_
+from rosita_fast.swap import layer_blocks
 
 
 def _tiny_bert():
@@ -130,3 +133,73 @@ def test_config_validation():
         LowRankConfig(rank=4, energy=0.9)
     with pytest.raises(TypeError, match="SwapConfig"):
         rosita_fast.swap_(nn.Linear(2, 2), {"rank": 2})
+
+
+class _FFNInputTwin(nn.Module):
+    """Test-only replacement for a whole BERT FFN-input block (linear + activation)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.dense = block.dense
+        self.act = block.intermediate_act_fn
+
+    def forward(self, hidden_states):
+        return self.act(self.dense(hidden_states))
+
+
+@dataclass
+class _FFNBlockConfig(rosita_fast.SwapConfig):
+    pass
+
+
+class _FFNBlockSubConfig(_FFNBlockConfig):
+    pass
+
+
+class _Unregistered(rosita_fast.SwapConfig):
+    pass
+
+
+@rosita_fast.register_swap_handler(
+    _FFNBlockConfig, targets=lambda model: layer_blocks(model, "intermediate")
+)
+def _swap_ffn_block(module, config, name):
+    return _FFNInputTwin(module)
+
+
+@pytest.mark.parametrize("config", [_FFNBlockConfig(), _FFNBlockSubConfig()], ids=type)
+def test_swap_dispatches_on_config_type_to_whole_blocks(config, seed):
+    # A handler found through the adapters replaces whole blocks, not nn.Linear layers;
+    # a config subclass uses its parent's handler.
+    model = _tiny_bert()
+    ids = torch.randint(0, 99, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).last_hidden_state
+    report = swap_(model, config, filter_fn=lambda m, name: name.startswith("encoder.layer.1"))
+    assert [s.name for s in report.layers] == ["encoder.layer.1.intermediate"]
+    assert report.layers[0].replaced == "BertIntermediate -> _FFNInputTwin"
+    assert isinstance(model.encoder.layer[1].intermediate, _FFNInputTwin)
+    assert not isinstance(model.encoder.layer[0].intermediate, _FFNInputTwin)
+    with torch.no_grad():
+        after = model(input_ids=ids).last_hidden_state
+    assert torch.equal(after, before)
+
+
+def test_swap_unregistered_config_is_type_error():
+    with pytest.raises(TypeError, match="no handler is registered for _Unregistered"):
+        swap_(nn.Linear(2, 2), _Unregistered())
+    with pytest.raises(TypeError, match="not a SwapConfig subclass"):
+        rosita_fast.register_swap_handler(dict)
+
+
+def test_swapped_bert_runs_under_cpu_autocast(seed):
+    model = _tiny_bert()
+    ids = torch.randint(0, 99, (2, 11))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    swap_(model, LowRankConfig())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids).last_hidden_state
+    # Whole-model bf16: a few bf16 roundings per layer, far from fp32 but far from wrong.
+    err = ((out.float() - expected).norm() / expected.norm()).item()
+    assert err < 0.05, err

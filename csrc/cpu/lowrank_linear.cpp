@@ -176,7 +176,7 @@ void act_grad(double* z, const double* grad, const double* bias, int64_t rows, i
   act_grad_dispatch<double>(z, grad, bias, rows, cols, a);
 }
 
-// Forward. Work is tiled as (row block, column group) tasks over the threads. A task computes its
+// Forward with an activation. Work is tiled as (row block, column group) tasks over the threads. A task computes its
 // rows' rank-r intermediate h = x v^T once (it stays in cache), then sweeps its columns in chunks
 // small enough (kChunkBytes) that each chunk of h u^T is finished by the bias/activation epilogue
 // while it is still in L1/L2. Column groups only exist when there are fewer row blocks than
@@ -187,8 +187,7 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
   using acc_t = typename AccType<scalar_t>::type;
   const auto acc_dtype = acc_type(x2d.scalar_type());
   const int64_t m = x2d.size(0), n = u.size(0), r = u.size(1);
-  auto out = empty_output({m, n}, x2d.options());
-  if (m == 0 || n == 0) return out;
+  if (m == 0 || n == 0) return empty_output({m, n}, x2d.options());
 
   const bool same_dtype = x2d.scalar_type() == acc_dtype;
   // fp16/bf16 weights are converted once per call (they are small next to activations); fp32/fp64
@@ -199,6 +198,17 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
   const acc_t* bias_ptr = bias.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   const auto acc_opts = x2d.options().dtype(acc_dtype);
 
+  if (act == Activation::None) {
+    // Nothing to fuse: two whole products with the bias folded into the second GEMM (addmm), the
+    // same calls as eager F.linear(F.linear(x, v), u, bias), so never slower than eager. Row
+    // blocking only pays when an epilogue can run while its block is in cache.
+    const auto xa = same_dtype ? x2d : x2d.to(acc_dtype);
+    const auto h = at::mm(xa, v_acc.t());
+    auto z = bias.has_value() ? at::addmm(bias_acc, h, u_acc.t()) : at::mm(h, u_acc.t());
+    return same_dtype ? z : z.to(x2d.scalar_type());
+  }
+
+  auto out = empty_output({m, n}, x2d.options());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t bm = std::min<int64_t>(kMaxBlockRows, (m + threads - 1) / threads);
   const int64_t row_blocks = (m + bm - 1) / bm;

@@ -1,0 +1,42 @@
+"""Every rosita_fast op, one module each, declared once with ``torch.library``.
+
+Each op module (``rosita_fast/ops/<op>.py``) holds the op's plain-PyTorch ground truth, input
+checks, fake (meta) function, autograd formula and a table from backend name to implementation;
+``rosita_fast.ops._registry`` generates the rest (the custom op, the per-backend native ops'
+fakes, dispatch by backend, the no-grad fast path). Backends: ``reference`` (plain PyTorch),
+``cpp`` (``rosita_fast._C``), ``triton`` (``rosita_fast.kernels``), ``cuda``
+(``rosita_fast._C_cuda``); see ``rosita_fast.backends``.
+
+Public entry points (stable): :func:`lowrank_linear`. :data:`OPS` lists every public op and its
+backends.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from rosita_fast._extension import HAS_CPP, warn_cpp_fallback
+from rosita_fast.ops._registry import REGISTRY, public_ops
+from rosita_fast.ops.lowrank_linear import lowrank_linear
+
+__all__ = ["OPS", "REGISTRY", "lowrank_linear"]
+
+#: The public ops and the backends each one implements.
+OPS: dict[str, tuple[str, ...]] = public_ops()
+
+if not HAS_CPP:
+    warn_cpp_fallback(list(OPS))
+
+# Reference on CUDA would be a silent fallback: say so if neither GPU backend can run.
+if torch.cuda.is_available():
+    from rosita_fast.backends import available_backends
+
+    if not {"triton", "cuda"} & set(available_backends()):
+        warnings.warn(
+            "rosita_fast: neither triton nor rosita_fast._C_cuda is usable; ops on CUDA tensors "
+            "run on the plain-PyTorch reference backend",
+            RuntimeWarning,
+            stacklevel=2,
+        )
