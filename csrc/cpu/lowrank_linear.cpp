@@ -176,37 +176,47 @@ void act_grad(double* z, const double* grad, const double* bias, int64_t rows, i
   act_grad_dispatch<double>(z, grad, bias, rows, cols, a);
 }
 
-// Forward with an activation. Work is tiled as (row block, column group) tasks over the threads. A task computes its
-// rows' rank-r intermediate h = x v^T once (it stays in cache), then sweeps its columns in chunks
-// small enough (kChunkBytes) that each chunk of h u^T is finished by the bias/activation epilogue
-// while it is still in L1/L2. Column groups only exist when there are fewer row blocks than
-// threads (few tokens); each group then recomputes its h block, which is cheap exactly then.
+// dtype the GEMMs run in for inputs of dtype t. bf16 stays bf16: oneDNN's bf16 GEMMs accumulate
+// in fp32 and use the CPU's bf16 dot-product instructions where it has them (the eager path does
+// the same). fp16 is converted to fp32: CPUs without AVX512-FP16 have no fast fp16 GEMM.
+at::ScalarType gemm_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
+
+// Forward. Without an activation there is nothing to fuse: the two whole products with the bias
+// folded into the second GEMM (addmm) are the calls eager F.linear(F.linear(x, v), u, bias) makes,
+// so the result equals eager's. With an activation, work is tiled as (row block, column group)
+// tasks over the threads. A task computes its rows' rank-r intermediate h = x v^T once (it stays
+// in cache), then sweeps its columns in chunks small enough (kChunkBytes) that each chunk of
+// h u^T is finished by the bias/activation epilogue while it is still in L1/L2. Column groups
+// only exist when there are fewer row blocks than threads (few tokens); each group then
+// recomputes its h block, which is cheap exactly then.
 template <typename scalar_t>
 at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Tensor& v,
                         const std::optional<at::Tensor>& bias, Activation act) {
   using acc_t = typename AccType<scalar_t>::type;
-  const auto acc_dtype = acc_type(x2d.scalar_type());
+  const auto in_dtype = x2d.scalar_type();
+  const auto acc_dtype = acc_type(in_dtype);
+  const auto gdt = gemm_type(in_dtype);
   const int64_t m = x2d.size(0), n = u.size(0), r = u.size(1);
   if (m == 0 || n == 0) return empty_output({m, n}, x2d.options());
 
-  const bool same_dtype = x2d.scalar_type() == acc_dtype;
-  // fp16/bf16 weights are converted once per call (they are small next to activations); fp32/fp64
-  // weights are used in place, transposes being BLAS flags rather than copies.
-  const auto u_acc = same_dtype ? u : u.to(acc_dtype);  // [n, r]
-  const auto v_acc = same_dtype ? v : v.to(acc_dtype);  // [r, k]
+  // Weights in the GEMM dtype (no copy unless fp16); transposes are BLAS flags, not copies.
+  const auto u_g = u.to(gdt);  // [n, r]
+  const auto v_g = v.to(gdt);  // [r, k]
+
+  if (act == Activation::None) {
+    const auto h = at::mm(x2d.to(gdt), v_g.t());
+    auto z = bias.has_value() ? at::addmm(bias->to(gdt), h, u_g.t()) : at::mm(h, u_g.t());
+    return z.to(in_dtype);
+  }
+
   const auto bias_acc = bias.has_value() ? bias->to(acc_dtype).contiguous() : at::Tensor();
   const acc_t* bias_ptr = bias.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   const auto acc_opts = x2d.options().dtype(acc_dtype);
-
-  if (act == Activation::None) {
-    // Nothing to fuse: two whole products with the bias folded into the second GEMM (addmm), the
-    // same calls as eager F.linear(F.linear(x, v), u, bias), so never slower than eager. Row
-    // blocking only pays when an epilogue can run while its block is in cache.
-    const auto xa = same_dtype ? x2d : x2d.to(acc_dtype);
-    const auto h = at::mm(xa, v_acc.t());
-    auto z = bias.has_value() ? at::addmm(bias_acc, h, u_acc.t()) : at::mm(h, u_acc.t());
-    return same_dtype ? z : z.to(x2d.scalar_type());
-  }
+  // fp32/fp64: the product lands in the output and the epilogue finishes it there in place.
+  // bf16: the product lands in the output, the epilogue runs on an fp32 copy of the chunk.
+  // fp16: the product lands in an fp32 chunk buffer, finished there, then converted.
+  const bool epilogue_in_place = gdt == acc_dtype && gdt == in_dtype;
+  const bool gemm_into_output = gdt == in_dtype;
 
   auto out = empty_output({m, n}, x2d.options());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -219,25 +229,33 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
       (kChunkBytes / (bm * static_cast<int64_t>(sizeof(acc_t)))) / 16 * 16, 16, std::max<int64_t>(16, n));
 
   at::parallel_for(0, row_blocks * col_groups, 1, [&](int64_t t0, int64_t t1) {
-    auto h = empty_output({bm, r}, acc_opts);
-    auto o = same_dtype ? at::Tensor() : empty_output({bm, chunk}, acc_opts);
+    auto h = empty_output({bm, r}, x2d.options().dtype(gdt));
+    auto o = epilogue_in_place ? at::Tensor() : empty_output({bm, chunk}, acc_opts);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t row0 = (t / col_groups) * bm, rows = std::min(bm, m - row0);
       const int64_t col_begin = (t % col_groups) * group_cols;
       const int64_t col_end = std::min(n, col_begin + group_cols);
-      auto xb = x2d.narrow(0, row0, rows);
-      if (!same_dtype) xb = xb.to(acc_dtype);
       auto hb = h.narrow(0, 0, rows);
-      at::mm_out(hb, xb, v_acc.t());
+      at::mm_out(hb, x2d.narrow(0, row0, rows).to(gdt), v_g.t());
       for (int64_t c0 = col_begin; c0 < col_end; c0 += chunk) {
         const int64_t cols = std::min(chunk, col_end - c0);
         auto dst = out.narrow(0, row0, rows).narrow(1, c0, cols);
-        // fp32/fp64: the product lands in the output and is finished there in place.
-        auto ob = same_dtype ? dst : o.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(ob, hb, u_acc.narrow(0, c0, cols).t());
-        bias_act(ob.mutable_data_ptr<acc_t>(), bias_ptr ? bias_ptr + c0 : nullptr, rows, cols,
-                 ob.stride(0), act);
-        if (!same_dtype) dst.copy_(ob);
+        const auto u_cols = u_g.narrow(0, c0, cols).t();
+        const acc_t* b = bias_ptr ? bias_ptr + c0 : nullptr;
+        if (epilogue_in_place) {
+          at::mm_out(dst, hb, u_cols);
+          bias_act(dst.mutable_data_ptr<acc_t>(), b, rows, cols, dst.stride(0), act);
+          continue;
+        }
+        auto ob = o.narrow(0, 0, rows).narrow(1, 0, cols);
+        if (gemm_into_output) {
+          at::mm_out(dst, hb, u_cols);
+          ob.copy_(dst);
+        } else {
+          at::mm_out(ob, hb, u_cols);
+        }
+        bias_act(ob.mutable_data_ptr<acc_t>(), b, rows, cols, ob.stride(0), act);
+        dst.copy_(ob);
       }
     }
   });
@@ -246,72 +264,85 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
 
 // Backward. Row-local work (recompute h = x v^T and z, dz = grad * act'(z), g = dz u, dx = g v) is
 // fused per row block in cache; the reductions over rows (du = dz^T h, dv = g^T x, dbias = sum dz)
-// are single large BLAS products / reductions over the buffers the block loop filled.
+// are single large BLAS products / reductions over the buffers the block loop filled. Products
+// run in the GEMM dtype (bf16 natively, see gemm_type); act'(z) is evaluated in fp32.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad2d, const at::Tensor& x2d, const at::Tensor& u, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, Activation act) {
   using acc_t = typename AccType<scalar_t>::type;
-  const auto acc_dtype = acc_type(x2d.scalar_type());
+  const auto in_dtype = x2d.scalar_type();
+  const auto acc_dtype = acc_type(in_dtype);
+  // ReLU's derivative jumps at 0: pre-activations recomputed from an h rounded to bf16 land on the
+  // wrong side of the kink often enough to move whole gradient entries, so its mask is computed
+  // from fp32 products. Smooth activations take the bf16 GEMMs.
+  const auto gdt = act == Activation::ReLU ? acc_dtype : gemm_type(in_dtype);
   const int64_t m = x2d.size(0), k = x2d.size(1), n = u.size(0), r = u.size(1);
-  const auto acc_opts = x2d.options().dtype(acc_dtype);
-  const bool same_dtype = x2d.scalar_type() == acc_dtype;
+  const auto g_opts = x2d.options().dtype(gdt);
+  const bool gemm_native = gdt == in_dtype;
 
   auto dx = empty_output({m, k}, x2d.options());
-  const auto u_acc = same_dtype ? u : u.to(acc_dtype);  // [n, r]
-  const auto v_acc = same_dtype ? v : v.to(acc_dtype);  // [r, k]
+  const auto u_g = u.to(gdt);  // [n, r]
+  const auto v_g = v.to(gdt);  // [r, k]
   const auto bias_acc = bias.has_value() ? bias->to(acc_dtype).contiguous() : at::Tensor();
   const acc_t* bias_ptr = bias.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
 
   // Without an activation dz is the incoming gradient itself and needs no buffer.
-  const bool need_dz_buffer = act != Activation::None || !same_dtype;
-  auto dz = need_dz_buffer ? empty_output({m, n}, acc_opts) : grad2d;
-  auto h = empty_output({m, r}, acc_opts);
-  auto g = empty_output({m, r}, acc_opts);
+  const bool need_dz_buffer = act != Activation::None || !gemm_native;
+  auto dz = need_dz_buffer ? empty_output({m, n}, g_opts) : grad2d;
+  auto h = empty_output({m, r}, g_opts);
+  auto g = empty_output({m, r}, g_opts);
   const int64_t bm = block_rows(m, n, sizeof(acc_t));
   const int64_t n_blocks = m == 0 ? 0 : (m + bm - 1) / bm;
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    auto dx_buf = same_dtype ? at::Tensor() : empty_output({bm, k}, acc_opts);
+    auto dx_buf = gemm_native ? at::Tensor() : empty_output({bm, k}, g_opts);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * bm, rows = std::min(bm, m - row0);
-      auto xb = x2d.narrow(0, row0, rows);
-      if (!same_dtype) xb = xb.to(acc_dtype);
       auto hb = h.narrow(0, row0, rows);
-      at::mm_out(hb, xb, v_acc.t());
+      at::mm_out(hb, x2d.narrow(0, row0, rows).to(gdt), v_g.t());
       auto dzb = dz.narrow(0, row0, rows);
+      const auto grad_b = grad2d.narrow(0, row0, rows);
       if (act != Activation::None) {
-        at::mm_out(dzb, hb, u_acc.t());  // z without bias, overwritten in place by dz below
-        auto gb_in = grad2d.narrow(0, row0, rows);
-        if (!same_dtype) gb_in = gb_in.to(acc_dtype);
-        act_grad(dzb.mutable_data_ptr<acc_t>(), gb_in.const_data_ptr<acc_t>(), bias_ptr, rows, n,
-                 act);
+        at::mm_out(dzb, hb, u_g.t());  // z without bias, overwritten in place by dz below
+        if (gdt == acc_dtype) {
+          const auto gb_in = grad_b.to(acc_dtype);
+          act_grad(dzb.mutable_data_ptr<acc_t>(), gb_in.const_data_ptr<acc_t>(), bias_ptr, rows,
+                   n, act);
+        } else {  // bf16: act'(z) in fp32 on a copy of the block, rounded back once
+          auto z32 = dzb.to(acc_dtype);
+          const auto g32 = grad_b.to(acc_dtype);
+          act_grad(z32.mutable_data_ptr<acc_t>(), g32.const_data_ptr<acc_t>(), bias_ptr, rows, n,
+                   act);
+          dzb.copy_(z32);
+        }
       } else if (need_dz_buffer) {
-        dzb.copy_(grad2d.narrow(0, row0, rows));
+        dzb.copy_(grad_b);
       }
       auto gb = g.narrow(0, row0, rows);
-      at::mm_out(gb, dzb, u_acc);
-      if (same_dtype) {
+      at::mm_out(gb, dzb, u_g);
+      if (gemm_native) {
         auto dxb = dx.narrow(0, row0, rows);
-        at::mm_out(dxb, gb, v_acc);
+        at::mm_out(dxb, gb, v_g);
       } else {
         auto dxb = dx_buf.narrow(0, 0, rows);
-        at::mm_out(dxb, gb, v_acc);
+        at::mm_out(dxb, gb, v_g);
         dx.narrow(0, row0, rows).copy_(dxb);
       }
     }
   });
 
-  const auto x_acc = same_dtype ? x2d : x2d.to(acc_dtype);
   auto du = at::mm(dz.t(), h).to(u.scalar_type());
-  auto dv = at::mm(g.t(), x_acc).to(v.scalar_type());
-  auto dbias = bias.has_value() ? dz.sum(0).to(bias->scalar_type()) : at::Tensor();
+  auto dv = at::mm(g.t(), x2d.to(gdt)).to(v.scalar_type());
+  auto dbias = bias.has_value()
+                   ? at::sum(dz, {0}, false, acc_dtype).to(bias->scalar_type())
+                   : at::Tensor();
   return {dx, du, dv, dbias};
 }
 
 at::Tensor lowrank_linear_fwd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
                               const std::optional<at::Tensor>& bias, int64_t activation) {
-  // Kernels compute; autograd is the op's business (registered in rosita_fast/ops.py).
+  // Kernels compute; autograd is the op's business (rosita_fast/ops/lowrank_linear.py).
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_inputs(x, u, v, bias, activation);
   auto out_shape = x.sizes().vec();
