@@ -1,29 +1,37 @@
-"""lowrank_linear: rosita_fast's fused kernel vs PyTorch eager vs torch.compile, at BERT shapes.
+"""lowrank_linear: rosita_fast's fused op vs PyTorch eager vs per-shape torch.compile, BERT shapes.
 
-CPU rows time the C++ kernel (the default CPU backend); CUDA rows (only where a GPU exists) time
-the Triton kernel. The activation follows BERT: GELU on the 768->3072 FFN input projection, none on
-the attention (768->768) and FFN output (3072->768) projections; all layers have a bias.
+``fused`` is ``rosita_fast.ops.lowrank_linear(x, u, v, bias, activation)`` (C++ backend on CPU,
+Triton on CUDA); ``eager`` is ``F.linear(F.linear(x, v), u, bias)`` followed by GELU where the
+layer has one. The activation follows BERT: GELU on the 768->3072 FFN input projection, none on the
+attention (768->768) and FFN output (3072->768) projections; all layers have a bias. Tokens: 32 (a
+short sequence) and 2048 (a batch of them); ranks 64 and 256. Modes, dtypes, the compile rows and
+the peak-memory method: ``_harness.py``. Results: ``results/lowrank_linear.md`` and ``.json``.
 
-Run: ``pytest benchmarks/bench_lowrank_linear.py`` (see README, "Benchmarks").
+Run: ``python -m pytest benchmarks/bench_lowrank_linear.py`` (``-k`` picks a subset, e.g.
+``-k "t32 and bf16"``; a subset is written to ``results/lowrank_linear.partial.*``).
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
+from _harness import Case, OpSpec, measure, parametrize
 
-import rosita_fast
 from rosita_fast import ops
 
-TOKENS = (32, 512, 4096)
-IN_OUT = ((768, 768), (768, 3072), (3072, 768))
-RANKS = (64, 128, 256)
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-    ),
+TOKENS = (32, 2048)
+LAYERS = ((768, 768), (768, 3072), (3072, 768))  # (in, out)
+RANKS = (64, 256)
+
+CASES = [
+    Case(
+        f"t{t}-{k}x{n}-r{r}-{act}",
+        {"tokens": t, "in_features": k, "out_features": n, "rank": r, "activation": act},
+    )
+    for t in TOKENS
+    for k, n in LAYERS
+    for r in RANKS
+    for act in ["gelu" if n > k else "none"]
 ]
 
 
@@ -32,49 +40,30 @@ def _eager(x, u, v, bias, activation):
     return F.gelu(z) if activation == "gelu" else z
 
 
-_compiled = torch.compile(_eager, dynamic=False)
+def _inputs(case: Case, device: str, dtype: torch.dtype):
+    t, k, n, r = (case.params[p] for p in ("tokens", "in_features", "out_features", "rank"))
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    x, u, v, bias = randn(t, k), randn(n, r, scale=r**-0.5), randn(r, k, scale=k**-0.5), randn(n)
+    return x, u, v, bias, case.params["activation"]
 
 
-def _fused(x, u, v, bias, activation):
-    return ops.lowrank_linear(x, u, v, bias, activation)
+SPEC = OpSpec(
+    name="lowrank_linear",
+    fused=ops.lowrank_linear,
+    eager=_eager,
+    make_inputs=_inputs,
+    description="fused: `rosita_fast.ops.lowrank_linear(x, u, v, bias, activation)` "
+    "(`act(x @ v.T @ u.T + bias)`); eager: `F.linear(F.linear(x, v), u, bias)` (+ `F.gelu`). "
+    "Case `t{tokens}-{in}x{out}-r{rank}-{activation}`: x [tokens, in], u [out, rank], "
+    "v [rank, in], bias [out]; BERT layers (768x768 attention, 768x3072 FFN-in with GELU, "
+    "3072x768 FFN-out). CPU peak memory of fused does not include the C++ kernel's 64-row block "
+    "buffers on OpenMP worker threads (at most ~2.3 MiB per extra thread at these shapes)",
+)
 
 
-IMPLS = {"fused": _fused, "eager": _eager, "compile": _compiled}
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("rank", RANKS)
-@pytest.mark.parametrize("in_out", IN_OUT, ids=lambda io: f"{io[0]}x{io[1]}")
-@pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_lowrank_linear(benchmark, device, tokens, in_out, rank, impl):
-    k, n = in_out
-    activation = "gelu" if n > k else "none"
-    dtype = torch.float32
-    x = torch.randn(tokens, k, device=device, dtype=dtype)
-    u = torch.randn(n, rank, device=device, dtype=dtype) * rank**-0.5
-    v = torch.randn(rank, k, device=device, dtype=dtype) * k**-0.5
-    bias = torch.randn(n, device=device, dtype=dtype)
-    fn = IMPLS[impl]
-    backend = "cpp" if device == "cpu" else "triton"
-
-    def run():
-        with torch.no_grad(), rosita_fast.use_backend(backend):
-            out = fn(x, u, v, bias, activation)
-        _sync(device)
-        return out
-
-    out = run()  # warm-up (and compilation for torch.compile)
-    expected = _eager(x, u, v, bias, activation)
-    assert torch.allclose(out, expected, rtol=1e-3, atol=1e-3)
-    benchmark.group = f"{device} tokens={tokens} {k}->{n} rank={rank} act={activation}"
-    benchmark.extra_info.update(
-        impl=impl, device=device, tokens=tokens, in_features=k, out_features=n, rank=rank,
-        activation=activation, threads=torch.get_num_threads(),
-    )
-    benchmark(run)
+@parametrize(CASES)
+def test_lowrank_linear(benchmark, device, dtype, case, mode, impl):
+    measure(benchmark, SPEC, device, dtype, case, mode, impl)
