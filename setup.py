@@ -1,20 +1,27 @@
 """Build rosita_fast: the Python layer, the Triton kernels and the C++/CUDA extensions.
 
-Install with torch already present and without build isolation (see README):
+Two ways to install (see README, "Set-up"):
 
-    pip install torch==2.13.0
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .   # compiles the C++ extension now, against the torch
+                                            # installed here (what scripts/install.sh does)
+    pip install -e .                        # pip's isolated build cannot see torch: installs
+                                            # without compiling; the C++ kernels compile on first
+                                            # import (rosita_fast/_jit_build.py), cached
 
-Extensions:
+Extensions (only when torch is importable here):
 - ``rosita_fast._C``: C++ CPU ops from ``csrc/cpu`` (OpenMP), built on every machine.
 - ``rosita_fast._C_cuda``: CUDA ops from ``csrc/cuda``, built only when torch has CUDA
   (``torch.version.cuda``) and ``nvcc`` is found. ``ROSITA_FAST_BUILD_CUDA=1`` forces it on (and
   fails loudly if it cannot be built), ``ROSITA_FAST_BUILD_CUDA=0`` forces it off.
+
+The C++ sources (``csrc/cpu``, ``csrc/include``) always ship inside the package as
+``rosita_fast/_csrc``, so a wheel built without torch can compile them on first import.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -24,14 +31,21 @@ from setuptools import find_packages, setup
 try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # pragma: no cover - only hit by a misconfigured install
-    sys.exit(
-        "rosita_fast builds against the installed torch: install torch first "
-        "(pip install torch==2.13.0), then `pip install --no-build-isolation -e .`."
-    )
+except ImportError:  # pip's isolated build environment: no torch, so nothing to compile against
+    torch = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(ROOT, "csrc", "include")
+
+
+def _jit_build_module():
+    # The compile flags live in rosita_fast/_jit_build.py (stdlib-only at import), so install-time
+    # and first-import builds use the same ones; load the file without importing the package.
+    path = os.path.join(ROOT, "rosita_fast", "_jit_build.py")
+    spec = importlib.util.spec_from_file_location("_rosita_fast_jit_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _want_cuda() -> bool:
@@ -47,16 +61,28 @@ def _want_cuda() -> bool:
 
 
 def _extensions() -> list:
-    # -fno-trapping-math/-fno-math-errno (torch's own flags) let GCC if-convert and vectorize the
-    # fused epilogues; without them the clamp in the polynomial exp keeps the loops scalar.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    if torch is None:
+        cuda_flag = os.environ.get("ROSITA_FAST_BUILD_CUDA", "").strip().lower()
+        if cuda_flag in ("1", "true", "on", "yes"):
+            sys.exit(
+                "ROSITA_FAST_BUILD_CUDA=1 but torch is not importable in this build environment: "
+                "install torch first, then `pip install --no-build-isolation -e .`."
+            )
+        print(
+            "rosita_fast: torch is not importable in this build environment (pip's isolated "
+            "build); installing without compiling: the C++ kernels compile on first import. "
+            "Use `pip install --no-build-isolation` to compile them now.",
+            file=sys.stderr,
+        )
+        return []
+    jit = _jit_build_module()
     exts = [
         CppExtension(
             "rosita_fast._C",
             sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
             include_dirs=[INCLUDE],
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": list(jit.CXX_FLAGS)},
+            extra_link_args=list(jit.LD_FLAGS),
         )
     ]
     if _want_cuda():
@@ -76,7 +102,9 @@ def _extensions() -> list:
     return exts
 
 
-packages = find_packages(include=["rosita_fast", "rosita_fast.*"]) + ["rosita_fast.kernels"]
+packages = find_packages(include=["rosita_fast", "rosita_fast.*"])
+packages += ["rosita_fast.kernels", "rosita_fast._csrc"]
+ext_modules = _extensions()
 
 setup(
     name="rosita_fast",
@@ -86,11 +114,15 @@ setup(
     packages=packages,
     # The Triton kernels live in the top-level kernels/ directory but ship as rosita_fast.kernels:
     # a top-level module named `kernels` would collide with an unrelated PyPI package.
-    package_dir={"rosita_fast.kernels": "kernels"},
+    # The C++ sources ship as rosita_fast/_csrc (data only) for the first-import build.
+    package_dir={"rosita_fast.kernels": "kernels", "rosita_fast._csrc": "csrc"},
     # The shipped recipes (rosita_fast/recipes/*.yaml) are data, not modules.
-    package_data={"rosita_fast": ["recipes/*.yaml", "recipes/*.json"]},
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    package_data={
+        "rosita_fast": ["recipes/*.yaml", "recipes/*.json"],
+        "rosita_fast._csrc": ["cpu/*.cpp", "include/**/*"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if ext_modules else {},
     install_requires=[
         # No torch here on purpose: a bare requirement would let pip replace the installed CPU or
         # CUDA build with a multi-GB download. Install torch first (README).
@@ -102,6 +134,7 @@ setup(
         "pyyaml",
         "numpy",
         "matplotlib",  # the pipeline's report plot
+        "ninja",  # the first-import build of the C++ kernels (torch.utils.cpp_extension.load)
     ],
     entry_points={"console_scripts": ["rosita=rosita_fast.cli:main"]},
     extras_require={
