@@ -246,3 +246,22 @@ def test_torch_compile_under_autocast(seed):
     assert_close(out, expected.float(), torch.bfloat16, "compiled autocast forward", k=48)
     out.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch, seed):
+    # CUDA runs backward on autograd device threads, where a use_backend block around the forward
+    # is not in effect; the backend forced at forward time must still run the backward.
+    import threading
+
+    from rosita_fast.ops import REGISTRY
+
+    impls = REGISTRY["lowrank_linear_backward"].impls
+    real, calls = impls["reference"], []
+    monkeypatch.setitem(impls, "reference", lambda *a: calls.append(1) or real(*a))
+    x, u, v, b = _inputs((4,), 12, 10, 3, torch.float32, True, requires_grad=True)
+    with rosita_fast.use_backend("reference"):
+        out = ops.lowrank_linear(x, u, v, b, "gelu")
+    worker = threading.Thread(target=lambda: out.sum().backward())
+    worker.start()
+    worker.join()
+    assert calls == [1] and x.grad is not None

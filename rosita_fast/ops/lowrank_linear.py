@@ -15,7 +15,7 @@ from rosita_fast.activations import (
     apply_activation,
     check_activation,
 )
-from rosita_fast.backends import forced_backend
+from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._autocast import autocast_inputs
 from rosita_fast.ops._registry import define_op, lazy, native
 
@@ -168,11 +168,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, u, v, bias)
     ctx.activation = activation
     ctx.has_bias = bias is not None
+    # The backward may run on another thread (CUDA's autograd device threads), where a backend
+    # forced around the forward with use_backend is not in effect: carry it over.
+    ctx.backend = forced_backend()
 
 
 def _backward(ctx, grad):
     x, u, v, bias = ctx.saved_tensors
-    dx, du, dv, db = _BWD(grad, x, u, v, bias if ctx.has_bias else None, ctx.activation)
+    args = (grad, x, u, v, bias if ctx.has_bias else None, ctx.activation)
+    if ctx.backend is not None and forced_backend() != ctx.backend:
+        with use_backend(ctx.backend):
+            dx, du, dv, db = _BWD(*args)
+    else:
+        dx, du, dv, db = _BWD(*args)
     return dx, du, dv, (db if ctx.has_bias else None), None
 
 
