@@ -1,8 +1,11 @@
-"""What every Triton kernel of rosita_fast shares: activation codes and math, dot precision, the
-launch-spec type the lowering tests compile, and the (poisonable) buffer allocator."""
+"""What every Triton kernel of rosita_fast shares: activation codes and math, 64-bit tile offsets,
+dot precision, the launch-spec type the lowering tests compile (and the JIT's specialisation rules
+that build it), and the (poisonable) buffer allocator."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +14,7 @@ import triton.language as tl
 
 from rosita_fast._poison import empty  # noqa: F401  (re-exported for the launchers)
 from rosita_fast.activations import ACTIVATIONS as ACTIVATION_CODES  # noqa: F401
+from rosita_fast.backends import triton_interpreting  # noqa: F401  (re-exported for the launchers)
 
 #: Input dtypes the Triton kernels take (fp64 goes to the C++/CUDA backends).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,6 +60,18 @@ def act_grad(z, ACTIVATION):
     return d
 
 
+@triton.jit
+def offsets_2d(rows, cols, stride_r, stride_c):
+    """Element offsets ``rows[:, None] * stride_r + cols[None, :] * stride_c`` of a tile, in int64.
+
+    Row/column indices and strides are int32 kernel arguments, but their products pass 2^31 on
+    large tensors (``M * N`` scratch buffers, transposed or strided views): every pointer offset of
+    a 2-D tile goes through here so the arithmetic is 64-bit (the lowering test counts 2-D int32
+    offsets in every kernel's TTIR and requires none).
+    """
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot`` for operands of ``dtype``.
 
@@ -82,8 +98,9 @@ class TileConfig:
 class LaunchSpec:
     """One compilable specialisation of a kernel: what ``triton.compile`` needs.
 
-    ``attrs`` maps argument indices to Triton attributes (``[["tt.divisibility", 16]]``), the same
-    specialisation the JIT derives from aligned pointers and integers divisible by 16.
+    ``attrs`` maps argument paths (``(index,)``) to Triton attributes
+    (``[["tt.divisibility", 16]]``), the same specialisation the JIT derives from aligned pointers
+    and integers divisible by 16; build specs with :func:`launch_spec` from a launch's arguments.
     """
 
     kernel: object
@@ -93,7 +110,84 @@ class LaunchSpec:
     num_stages: int
     attrs: dict | None = None
     label: str = ""
+    #: Element type of the kernel's ``tl.dot`` operands on this spec ("fp32", "fp16", "bf16"): the
+    #: lowering test checks the tensor-core instructions it compiles to (tf32 for fp32, which the
+    #: kernels run as tf32x3; native f16/bf16 MMAs otherwise). None: the kernel has no products.
+    dot_dtype: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.kernel.__name__}[{self.label}]"
+
+
+@functools.cache
+def _jit_function(kernel):
+    """The kernel as a ``JITFunction`` (under TRITON_INTERPRET ``triton.jit`` returns an
+    ``InterpretedFunction``, which keeps the decorator's arguments in ``kwargs``)."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    return JITFunction(kernel.fn, **getattr(kernel, "kwargs", {}))
+
+
+def jit_specialization(
+    kernel, args: Mapping[str, object], *, specialize: bool = True
+) -> tuple[dict[str, str], dict[str, object], dict[tuple[int, ...], list]]:
+    """``(signature, constexprs, attrs)`` for ``ASTSource``: what Triton's JIT compiles when
+    ``kernel`` is launched with ``args`` (every parameter by name; tensors, ints, constexprs).
+
+    ``specialize=True`` runs the JIT's own binder (``create_function_from_signature``) with the
+    CUDA backend's rules: integers equal to 1 become constants, integers divisible by 16 and
+    16-byte aligned pointers get ``tt.divisibility = 16``, ``do_not_specialize`` parameters keep
+    their plain type; attributes are parsed as ``JITFunction._pack_args`` does. ``specialize=False``
+    gives the unspecialised variant: only the types, no constants folded, no attributes.
+    """
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _jit_function(kernel)
+    missing = set(fn.arg_names) - set(args)
+    unknown = set(args) - set(fn.arg_names)
+    if missing or unknown:
+        raise TypeError(f"{fn.__name__}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if specialize:
+        binder = create_function_from_signature(fn.signature, fn.params, CUDABackend)
+        _, specialization, _ = binder(**args)
+    else:
+        specialization = [
+            ("constexpr", args[p.name])
+            if p.is_constexpr
+            else (native_specialize_impl(CUDABackend, args[p.name], p.is_const, False, False)[0],
+                  None)
+            for p in fn.params
+        ]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (param, (ty, value)) in enumerate(zip(fn.params, specialization, strict=True)):
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[param.name] = value
+            value = ""  # as in _pack_args: constants carry an empty attribute list
+        if isinstance(value, str):
+            attrs[(i,)] = CUDABackend.parse_attr(value)
+    return signature, constexprs, attrs
+
+
+def launch_spec(
+    kernel,
+    args: Mapping[str, object],
+    *,
+    num_warps: int,
+    num_stages: int,
+    label: str,
+    dot_dtype: str | None = None,
+    specialize: bool = True,
+) -> LaunchSpec:
+    """The :class:`LaunchSpec` of one launch of ``kernel`` with ``args`` (see
+    :func:`jit_specialization`); launchers build their specs from the same argument dicts they
+    launch with, so the lowering tests compile what the JIT would."""
+    signature, constexprs, attrs = jit_specialization(kernel, args, specialize=specialize)
+    return LaunchSpec(
+        kernel, signature, constexprs, num_warps, num_stages, attrs, label, dot_dtype
+    )
