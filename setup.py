@@ -138,6 +138,6 @@ setup(
     ],
     entry_points={"console_scripts": ["rosita=rosita_fast.cli:main"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "ninja", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "matplotlib"],
     },
 )
