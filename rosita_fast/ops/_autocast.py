@@ -12,11 +12,15 @@ import torch
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple:
-    """``tensors`` cast to the autocast dtype of ``device_type`` if autocast is on there.
+def autocast_inputs(first: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
+    """``(first, *tensors)`` cast to the autocast dtype of ``first``'s device if autocast is on
+    there.
 
     fp64 tensors and non-tensors pass through unchanged (torch's autocast leaves fp64 alone too).
     """
+    tensors = (first, *tensors)
+    # is_cpu/is_cuda are plain flags; building a torch.device costs more than the whole check.
+    device_type = "cpu" if first.is_cpu else "cuda" if first.is_cuda else first.device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)

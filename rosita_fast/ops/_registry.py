@@ -104,13 +104,19 @@ class KernelOp:
                 self._defaults[device.type] = backend
         else:
             backend = select_backend(self.name, device, self._backends)
-        if self.route is not None:
+        if self.route is not None and device.type != "cpu":
             backend = self.route(backend, args)
         return backend
 
     def run(self, *args):
         """Run the op on the selected backend, below autograd (no graph is recorded)."""
-        return self.impls[self.backend_for(args)](*args)
+        # The common call (nothing forced, CPU tensors) costs two attribute reads here: at batch 1
+        # an op's whole kernel takes a few microseconds.
+        if args[0].is_cpu and forced_backend() is None:
+            backend = self._defaults.get("cpu") or self.backend_for(args)
+        else:
+            backend = self.backend_for(args)
+        return self.impls[backend](*args)
 
     def __call__(self, *args):
         """Call the ``torch.library`` op (autograd, tracing and ``torch.compile`` see it)."""
@@ -152,8 +158,9 @@ def define_op(
     ``impls`` maps backend names (``reference`` is required) to callables taking the op's
     arguments; :class:`native` entries name the C++/CUDA ops whose fakes are registered here
     (whether a backend can run in this install is ``rosita_fast.available_backends``' business).
-    ``route(backend, args)`` may send a call that the default backend cannot serve to another one
-    (a documented per-op rule; it must leave a backend forced with ``use_backend`` alone).
+    ``route(backend, args)`` may send a call on a GPU that the default backend cannot serve to
+    another one (a documented per-op rule; it must leave a backend forced with ``use_backend``
+    alone; CPU calls are not routed). The first argument of every op is a tensor.
     ``public`` ops are listed in ``rosita_fast.ops.OPS``; backward ops are declared with
     ``public=False``.
     """

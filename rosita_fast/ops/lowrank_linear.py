@@ -199,10 +199,17 @@ def _check(x, u, v, bias, activation) -> None:
             and activation in ACTIVATIONS and x.dim() >= 1 and u.dim() == 2 and v.dim() == 2
             and x.shape[-1] == v.shape[1] and u.shape[1] == v.shape[0]
             and v.shape[0] <= min(v.shape[1], u.shape[0])
-            and u.device == x.device and v.device == x.device
             and (bias is None or (bias.dtype is dtype and bias.dim() == 1
-                                  and bias.shape[0] == u.shape[0] and bias.device == x.device))
+                                  and bias.shape[0] == u.shape[0]))
         )
+        if valid:
+            # is_cpu is a flag; comparing torch.device objects costs ~0.4 us each.
+            if x.is_cpu:
+                valid = u.is_cpu and v.is_cpu and (bias is None or bias.is_cpu)
+            else:
+                valid = u.device == x.device and v.device == x.device and (
+                    bias is None or bias.device == x.device
+                )
     except (AttributeError, TypeError):
         valid = False
     if not valid:
@@ -292,10 +299,12 @@ def lowrank_linear(
     Differentiable in ``x``, ``u``, ``v`` and ``bias``.
     """
     if isinstance(x, torch.Tensor):
-        x, u, v, bias = autocast_inputs(x.device.type, x, u, v, bias)
+        x, u, v, bias = autocast_inputs(x, u, v, bias)
     _check(x, u, v, bias, activation)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or u.requires_grad or v.requires_grad
         or (bias is not None and bias.requires_grad)
     )
-    return _FWD.call(needs_grad, x, u, v, bias, activation)
+    if not needs_grad and not torch.compiler.is_compiling():
+        return _FWD.run(x, u, v, bias, activation)  # the no-grad fast path (see KernelOp.call)
+    return _FWD(x, u, v, bias, activation)
