@@ -52,6 +52,11 @@ def test_forward_backward(backend, dtype, shape, act, bias, seed):
     lead, k, n, r = shape
     contiguous = (seed % 2) == 0  # half the runs on strided views
     x, u, v, b = _inputs(lead, k, n, r, dtype, bias, contiguous, requires_grad=True)
+    if act == "relu" and b is not None:
+        # A pre-activation within rounding of ReLU's kink takes a whole gradient entry to the
+        # other side of it in either computation; keep most of them away from 0.
+        with torch.no_grad():
+            b.add_(torch.sign(b) * 2)
     with rosita_fast.use_backend(backend), poison_outputs():
         out = ops.lowrank_linear(x, u, v, b, act)
         grad_out = torch.randn_like(out)
@@ -265,3 +270,47 @@ def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch, seed):
     worker.start()
     worker.join()
     assert calls == [1] and x.grad is not None
+
+
+def test_training_forward_keeps_h_for_the_backward(monkeypatch, seed):
+    # With autograd recording, the forward returns h = x v^T too and the backward reuses it
+    # instead of recomputing the largest-K product.
+    from rosita_fast.ops import REGISTRY
+
+    impls = REGISTRY["lowrank_linear_backward"].impls
+    real, seen = impls["reference"], []
+    monkeypatch.setitem(impls, "reference", lambda *a: seen.append(a[-1]) or real(*a))
+    x, u, v, b = _inputs((2, 3), 20, 16, 5, torch.float32, True, requires_grad=True)
+    with rosita_fast.use_backend("reference"):
+        ops.lowrank_linear(x, u, v, b, "gelu").sum().backward()
+    (h,) = seen
+    assert h is not None and h.shape == (6, 5)
+    assert_close(h, x.detach().reshape(6, 20).double() @ v.detach().double().t(), torch.float32,
+                 "saved h")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_backward_with_saved_h_matches_recompute(backend, act, seed):
+    x, u, v, b = _inputs((130,), 48, 72, 12, torch.float32, True)
+    grad = rand(130, 72)
+    with rosita_fast.use_backend(backend):
+        _, h = torch.ops.rosita_fast.lowrank_linear_train(x, u, v, b, act)
+        with_h = torch.ops.rosita_fast.lowrank_linear_backward(grad, x, u, v, b, act, h)
+        without = torch.ops.rosita_fast.lowrank_linear_backward(grad, x, u, v, b, act)
+    for name, a, c in zip(("dx", "du", "dv", "dbias"), with_h, without, strict=True):
+        assert_close(a, c, torch.float32, f"{backend} {name}")
+
+
+def test_opcheck_training_ops(seed):
+    x, u, v, b = _inputs((3, 4), 10, 9, 5, torch.float32, True, requires_grad=True)
+    train = torch.ops.rosita_fast.lowrank_linear_train.default
+    backward = torch.ops.rosita_fast.lowrank_linear_backward.default
+    for act in ("none", "gelu"):
+        torch.library.opcheck(train, (x, u, v, b, act))
+        torch.library.opcheck(train, (x, u, v, None, act))
+        grad = rand(3, 4, 9)
+        h = torch.ops.rosita_fast.lowrank_linear_train(x, u, v, b, act)[1].detach()
+        args = (grad, x.detach(), u.detach(), v.detach(), b.detach(), act)
+        torch.library.opcheck(backward, (*args, h))
+        torch.library.opcheck(backward, args)

@@ -189,15 +189,20 @@ at::ScalarType gemm_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat 
 // h u^T is finished by the bias/activation epilogue while it is still in L1/L2. Column groups
 // only exist when there are fewer row blocks than threads (few tokens); each group then
 // recomputes its h block, which is cheap exactly then.
+// With h_out, the forward also returns h = x v^T ([m, r], accumulation dtype) for the backward.
 template <typename scalar_t>
 at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Tensor& v,
-                        const std::optional<at::Tensor>& bias, Activation act) {
+                        const std::optional<at::Tensor>& bias, Activation act,
+                        at::Tensor* h_out = nullptr) {
   using acc_t = typename AccType<scalar_t>::type;
   const auto in_dtype = x2d.scalar_type();
   const auto acc_dtype = acc_type(in_dtype);
   const auto gdt = gemm_type(in_dtype);
   const int64_t m = x2d.size(0), n = u.size(0), r = u.size(1);
-  if (m == 0 || n == 0) return empty_output({m, n}, x2d.options());
+  if (m == 0 || n == 0) {
+    if (h_out != nullptr) *h_out = at::zeros({m, r}, x2d.options().dtype(acc_dtype));
+    return empty_output({m, n}, x2d.options());
+  }
 
   // Weights in the GEMM dtype (no copy unless fp16); transposes are BLAS flags, not copies.
   const auto u_g = u.to(gdt);  // [n, r]
@@ -206,6 +211,7 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
   if (act == Activation::None) {
     const auto h = at::mm(x2d.to(gdt), v_g.t());
     auto z = bias.has_value() ? at::addmm(bias->to(gdt), h, u_g.t()) : at::mm(h, u_g.t());
+    if (h_out != nullptr) *h_out = h.to(acc_dtype);
     return z.to(in_dtype);
   }
 
@@ -219,6 +225,8 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
   const bool gemm_into_output = gdt == in_dtype;
 
   auto out = empty_output({m, n}, x2d.options());
+  // Every column group computes its rows' h; the first group's lands in h_full.
+  auto h_full = h_out != nullptr ? empty_output({m, r}, x2d.options().dtype(gdt)) : at::Tensor();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t bm = std::min<int64_t>(kMaxBlockRows, (m + threads - 1) / threads);
   const int64_t row_blocks = (m + bm - 1) / bm;
@@ -235,7 +243,8 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
       const int64_t row0 = (t / col_groups) * bm, rows = std::min(bm, m - row0);
       const int64_t col_begin = (t % col_groups) * group_cols;
       const int64_t col_end = std::min(n, col_begin + group_cols);
-      auto hb = h.narrow(0, 0, rows);
+      auto hb = h_out != nullptr && t % col_groups == 0 ? h_full.narrow(0, row0, rows)
+                                                         : h.narrow(0, 0, rows);
       at::mm_out(hb, x2d.narrow(0, row0, rows).to(gdt), v_g.t());
       for (int64_t c0 = col_begin; c0 < col_end; c0 += chunk) {
         const int64_t cols = std::min(chunk, col_end - c0);
@@ -259,6 +268,7 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
       }
     }
   });
+  if (h_out != nullptr) *h_out = h_full.to(acc_dtype);
   return out;
 }
 
@@ -266,10 +276,12 @@ at::Tensor forward_impl(const at::Tensor& x2d, const at::Tensor& u, const at::Te
 // fused per row block in cache; the reductions over rows (du = dz^T h, dv = g^T x, dbias = sum dz)
 // are single large BLAS products / reductions over the buffers the block loop filled. Products
 // run in the GEMM dtype (bf16 natively, see gemm_type); act'(z) is evaluated in fp32.
+// h_saved: the forward's h (lowrank_linear_train_cpp); without it h is recomputed.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad2d, const at::Tensor& x2d, const at::Tensor& u, const at::Tensor& v,
-    const std::optional<at::Tensor>& bias, Activation act) {
+    const std::optional<at::Tensor>& bias, Activation act,
+    const std::optional<at::Tensor>& h_saved) {
   using acc_t = typename AccType<scalar_t>::type;
   const auto in_dtype = x2d.scalar_type();
   const auto acc_dtype = acc_type(in_dtype);
@@ -290,7 +302,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   // Without an activation dz is the incoming gradient itself and needs no buffer.
   const bool need_dz_buffer = act != Activation::None || !gemm_native;
   auto dz = need_dz_buffer ? empty_output({m, n}, g_opts) : grad2d;
-  auto h = empty_output({m, r}, g_opts);
+  // A saved h is used unless the ReLU mask needs fp32 products the bf16 forward did not make.
+  const bool use_saved = h_saved.has_value() && h_saved->defined() &&
+                         !(act == Activation::ReLU && gdt != gemm_type(in_dtype));
+  if (use_saved) {
+    TORCH_CHECK(h_saved->dim() == 2 && h_saved->size(0) == m && h_saved->size(1) == r,
+                "lowrank_linear backward: h must be [rows, rank]");
+  }
+  auto h = use_saved ? h_saved->detach().to(gdt).contiguous() : empty_output({m, r}, g_opts);
   auto g = empty_output({m, r}, g_opts);
   const int64_t bm = block_rows(m, n, sizeof(acc_t));
   const int64_t n_blocks = m == 0 ? 0 : (m + bm - 1) / bm;
@@ -300,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * bm, rows = std::min(bm, m - row0);
       auto hb = h.narrow(0, row0, rows);
-      at::mm_out(hb, x2d.narrow(0, row0, rows).to(gdt), v_g.t());
+      if (!use_saved) at::mm_out(hb, x2d.narrow(0, row0, rows).to(gdt), v_g.t());
       auto dzb = dz.narrow(0, row0, rows);
       const auto grad_b = grad2d.narrow(0, row0, rows);
       if (act != Activation::None) {
@@ -359,9 +378,27 @@ at::Tensor lowrank_linear_fwd(const at::Tensor& x, const at::Tensor& u, const at
   return out.view(out_shape);
 }
 
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_train_fwd(
+    const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, int64_t activation) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  check_inputs(x, u, v, bias, activation);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = u.size(0);
+  const auto x2d = x.detach().reshape({-1, x.size(-1)}).contiguous();
+  at::Tensor out, h;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_linear_train",
+                                  [&] {
+                                    out = forward_impl<scalar_t>(x2d, u.detach(), v.detach(), detached(bias),
+                                                                 static_cast<Activation>(activation), &h);
+                                  });
+  return {out.view(out_shape), h};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
-    const std::optional<at::Tensor>& bias, int64_t activation) {
+    const std::optional<at::Tensor>& bias, int64_t activation,
+    const std::optional<at::Tensor>& h) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_inputs(x, u, v, bias, activation);
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "lowrank_linear backward: grad dtype must match x");
@@ -372,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_linear_bwd",
                                   [&] {
                                     res = backward_impl<scalar_t>(g2d, x2d, u.detach(), v.detach(), detached(bias),
-                                                                  static_cast<Activation>(activation));
+                                                                  static_cast<Activation>(activation), h);
                                   });
   std::get<0>(res) = std::get<0>(res).view(x.sizes());
   return res;
@@ -383,12 +420,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(
 TORCH_LIBRARY_FRAGMENT(rosita_fast, m) {
   m.def("lowrank_linear_cpp(Tensor x, Tensor u, Tensor v, Tensor? bias, int activation) -> Tensor");
   m.def(
+      "lowrank_linear_train_cpp(Tensor x, Tensor u, Tensor v, Tensor? bias, int activation) -> "
+      "(Tensor, Tensor)");
+  m.def(
       "lowrank_linear_backward_cpp(Tensor grad, Tensor x, Tensor u, Tensor v, Tensor? bias, "
-      "int activation) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int activation, Tensor? h=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rosita_fast, CPU, m) {
   m.impl("lowrank_linear_cpp", &lowrank_linear_fwd);
+  m.impl("lowrank_linear_train_cpp", &lowrank_linear_train_fwd);
   m.impl("lowrank_linear_backward_cpp", &lowrank_linear_bwd);
 }
 

@@ -66,15 +66,19 @@ void check_cuda_inputs(const at::Tensor& x, const at::Tensor& u, const at::Tenso
   }
 }
 
-at::Tensor lowrank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
-                                   const std::optional<at::Tensor>& bias, int64_t activation) {
+// With h_out, also returns h = x v^T (fp32 for fp16/bf16 inputs) for the backward.
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                        const std::optional<at::Tensor>& bias, int64_t activation,
+                        at::Tensor* h_out) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_cuda_inputs(x, u, v, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out_shape = x.sizes().vec();
   out_shape.back() = u.size(0);
   const auto x2d = x.reshape({-1, x.size(-1)});
-  auto out = at::mm(at::mm(x2d, v.t()), u.t());
+  const auto h = at::mm(x2d, v.t());
+  if (h_out != nullptr) *h_out = x.scalar_type() == at::kDouble ? h : h.to(at::kFloat);
+  auto out = at::mm(h, u.t());
   const int64_t numel = out.numel();
   if (numel == 0) return out.view(out_shape);
   const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -89,16 +93,31 @@ at::Tensor lowrank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, con
   return out.view(out_shape);
 }
 
+at::Tensor lowrank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& bias, int64_t activation) {
+  return forward_cuda(x, u, v, bias, activation, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_train_cuda(
+    const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, int64_t activation) {
+  at::Tensor h;
+  auto out = forward_cuda(x, u, v, bias, activation, &h);
+  return {out, h};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
-    const std::optional<at::Tensor>& bias, int64_t activation) {
+    const std::optional<at::Tensor>& bias, int64_t activation,
+    const std::optional<at::Tensor>& h_saved) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_cuda_inputs(x, u, v, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto act = static_cast<Activation>(activation);
   const auto x2d = x.reshape({-1, x.size(-1)});
   const auto g2d = grad.reshape({-1, u.size(0)}).contiguous();
-  const auto h = at::mm(x2d, v.t());
+  const auto h = h_saved.has_value() && h_saved->defined() ? h_saved->to(x.scalar_type())
+                                                          : at::mm(x2d, v.t());
   at::Tensor dz = g2d;
   if (act != Activation::None && g2d.numel() > 0) {
     dz = at::mm(h, u.t());
@@ -125,12 +144,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cu
 TORCH_LIBRARY_FRAGMENT(rosita_fast, m) {
   m.def("lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, Tensor? bias, int activation) -> Tensor");
   m.def(
+      "lowrank_linear_train_cuda(Tensor x, Tensor u, Tensor v, Tensor? bias, int activation) -> "
+      "(Tensor, Tensor)");
+  m.def(
       "lowrank_linear_backward_cuda(Tensor grad, Tensor x, Tensor u, Tensor v, Tensor? bias, "
-      "int activation) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int activation, Tensor? h=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rosita_fast, CUDA, m) {
   m.impl("lowrank_linear_cuda", &lowrank_linear_fwd_cuda);
+  m.impl("lowrank_linear_train_cuda", &lowrank_linear_train_cuda);
   m.impl("lowrank_linear_backward_cuda", &lowrank_linear_bwd_cuda);
 }
 

@@ -7,6 +7,8 @@ functions, the backend tables (reference, C++ ``csrc/cpu/lowrank_linear.cpp``, T
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rosita_fast.activations import (
@@ -35,10 +37,17 @@ def reference_forward(
     x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, activation: str
 ) -> torch.Tensor:
     """``act(x @ v^T @ u^T + bias)`` in plain PyTorch (fp16/bf16 accumulate in fp32)."""
-    z = (_acc(x) @ _acc(v).t()) @ _acc(u).t()
+    return _reference_train(x, u, v, bias, activation)[0]
+
+
+def _reference_train(x, u, v, bias, activation):
+    # (output, h = x v^T as [rows, rank] in the accumulation dtype)
+    h = _acc(x.reshape(-1, x.shape[-1])) @ _acc(v).t()
+    z = h @ _acc(u).t()
     if bias is not None:
         z = z + _acc(bias)
-    return apply_activation(z, activation).to(x.dtype)
+    out = apply_activation(z, activation).to(x.dtype)
+    return out.view(*x.shape[:-1], u.shape[0]), h
 
 
 def reference_backward(
@@ -48,13 +57,15 @@ def reference_backward(
     v: torch.Tensor,
     bias: torch.Tensor | None,
     activation: str,
+    h: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(dx, du, dv, dbias)`` of :func:`reference_forward`, written out in the same decomposition
-    as the kernels (tests compare it, like every backend, with float64 autograd)."""
+    as the kernels (tests compare it, like every backend, with float64 autograd). ``h`` is the
+    forward's ``x @ v^T`` (``[rows, rank]``) if it was kept; else it is recomputed."""
     x2d = _acc(x.reshape(-1, x.shape[-1]))
     g2d = _acc(grad.reshape(-1, u.shape[0]))
     u_, v_ = _acc(u), _acc(v)
-    h = x2d @ v_.t()
+    h = x2d @ v_.t() if h is None else _acc(h)
     dz = g2d
     if activation != "none":
         z = h @ u_.t()
@@ -78,7 +89,13 @@ def _fake_forward(x, u, v, bias, activation):
     return x.new_empty((*x.shape[:-1], u.shape[0]))
 
 
-def _fake_backward(grad, x, u, v, bias, activation):
+def _fake_train(x, u, v, bias, activation):
+    acc = x.dtype if x.dtype == torch.float64 else torch.float32
+    rows = math.prod(x.shape[:-1])
+    return _fake_forward(x, u, v, bias, activation), x.new_empty((rows, u.shape[1]), dtype=acc)
+
+
+def _fake_backward(grad, x, u, v, bias, activation, h=None):
     db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     return x.new_empty(x.shape), u.new_empty(u.shape), v.new_empty(v.shape), db
 
@@ -90,8 +107,8 @@ def _encode(x, u, v, bias, activation):
     return x, u, v, bias, ACTIVATIONS[activation]
 
 
-def _encode_bwd(grad, x, u, v, bias, activation):
-    return grad, x, u, v, bias, ACTIVATIONS[activation]
+def _encode_bwd(grad, x, u, v, bias, activation, h=None):
+    return grad, x, u, v, bias, ACTIVATIONS[activation], h
 
 
 def _route_to_cuda(backend: str, x: torch.Tensor, u: torch.Tensor) -> str:
@@ -134,12 +151,38 @@ _FWD = define_op(
 )
 
 
-def _reference_backward_op(grad, x, u, v, bias, activation):
-    dx, du, dv, db = reference_backward(grad, x, u, v, bias, activation)
+def _triton_train(x, u, v, bias, activation):
+    # The Triton kernels keep h on chip and their backward recomputes it: what this h feeds is
+    # only the reference/C++/CUDA backward, so it is a plain GEMM here.
+    from rosita_fast.kernels.lowrank_linear import lowrank_linear_forward
+
+    out = lowrank_linear_forward(x, u, v, bias, activation)
+    return out, _acc(x.reshape(-1, x.shape[-1]) @ v.t())
+
+
+# The training forward: the output and h = x v^T ([rows, rank], small), which the backward then
+# reuses instead of recomputing the largest-K product. Used by lowrank_linear when autograd records.
+_TRAIN = define_op(
+    "lowrank_linear_train",
+    "(Tensor x, Tensor u, Tensor v, Tensor? bias, str activation) -> (Tensor, Tensor)",
+    {
+        "reference": _reference_train,
+        "cpp": native("lowrank_linear_train_cpp", _encode),
+        "triton": _triton_train,
+        "cuda": native("lowrank_linear_train_cuda", _encode),
+    },
+    _fake_train,
+    route=_route,
+    public=False,
+)
+
+
+def _reference_backward_op(grad, x, u, v, bias, activation, h=None):
+    dx, du, dv, db = reference_backward(grad, x, u, v, bias, activation, h)
     return dx, du, dv, db if db is not None else x.new_empty(0)
 
 
-def _triton_backward_op(grad, x, u, v, bias, activation):
+def _triton_backward_op(grad, x, u, v, bias, activation, h=None):
     from rosita_fast.kernels.lowrank_linear import lowrank_linear_backward
 
     dx, du, dv, db = lowrank_linear_backward(grad, x, u, v, bias, activation)
@@ -148,7 +191,7 @@ def _triton_backward_op(grad, x, u, v, bias, activation):
 
 _BWD = define_op(
     "lowrank_linear_backward",
-    "(Tensor grad, Tensor x, Tensor u, Tensor v, Tensor? bias, str activation) "
+    "(Tensor grad, Tensor x, Tensor u, Tensor v, Tensor? bias, str activation, Tensor? h=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     {
         # Custom ops cannot return None: an empty tensor stands for "no bias gradient".
@@ -165,17 +208,23 @@ _BWD = define_op(
 
 def _setup_context(ctx, inputs, output):
     x, u, v, bias, activation = inputs
-    ctx.save_for_backward(x, u, v, bias)
+    # The training op's output is (out, h): h is kept for the backward; the plain op keeps none.
+    h = output[1] if isinstance(output, tuple) else None
+    ctx.save_for_backward(x, u, v, bias, h)
     ctx.activation = activation
     ctx.has_bias = bias is not None
+    ctx.has_h = h is not None
+    if h is not None:
+        ctx.mark_non_differentiable(h)
     # The backward may run on another thread (CUDA's autograd device threads), where a backend
     # forced around the forward with use_backend is not in effect: carry it over.
     ctx.backend = forced_backend()
 
 
-def _backward(ctx, grad):
-    x, u, v, bias = ctx.saved_tensors
-    args = (grad, x, u, v, bias if ctx.has_bias else None, ctx.activation)
+def _backward(ctx, grad, *unused_grad_h):
+    x, u, v, bias, h = ctx.saved_tensors
+    args = (grad, x, u, v, bias if ctx.has_bias else None, ctx.activation,
+            h if ctx.has_h else None)
     if ctx.backend is not None and forced_backend() != ctx.backend:
         with use_backend(ctx.backend):
             dx, du, dv, db = _BWD(*args)
@@ -185,6 +234,7 @@ def _backward(ctx, grad):
 
 
 _FWD.register_autograd(_backward, _setup_context)
+_TRAIN.register_autograd(_backward, _setup_context)
 
 # ---- public entry point -------------------------------------------------------------------------
 
@@ -305,6 +355,8 @@ def lowrank_linear(
         x.requires_grad or u.requires_grad or v.requires_grad
         or (bias is not None and bias.requires_grad)
     )
-    if not needs_grad and not torch.compiler.is_compiling():
+    if needs_grad:
+        return _TRAIN(x, u, v, bias, activation)[0]
+    if not torch.compiler.is_compiling():
         return _FWD.run(x, u, v, bias, activation)  # the no-grad fast path (see KernelOp.call)
     return _FWD(x, u, v, bias, activation)
