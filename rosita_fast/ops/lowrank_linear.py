@@ -346,7 +346,10 @@ def lowrank_linear(
     default for rank <= 256; the ``[block_m, rank]`` intermediate stays on chip), ``cuda`` (cuBLAS
     products plus one fused bias/activation kernel; CUDA default for rank > 256 and fp64;
     compiled, not run, on the GPU-less development machines) and ``reference`` (plain PyTorch).
-    Differentiable in ``x``, ``u``, ``v`` and ``bias``.
+    Differentiable in ``x``, ``u``, ``v`` and ``bias``. While autograd records, the forward also
+    keeps ``h = x @ v.T`` (``[rows, rank]``, fp32 for fp16/bf16 inputs: small next to the output)
+    so that the backward need not recompute it (the C++ and CUDA backends; the Triton backward
+    recomputes it on chip).
     """
     if isinstance(x, torch.Tensor):
         x, u, v, bias = autocast_inputs(x, u, v, bias)
