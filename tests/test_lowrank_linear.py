@@ -289,7 +289,8 @@ def test_training_forward_keeps_h_for_the_backward(monkeypatch, seed):
                  "saved h")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The Triton backward recomputes h on chip and ignores a kept one: nothing to compare there.
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "triton"])
 @pytest.mark.parametrize("act", ["none", "gelu"])
 def test_backward_with_saved_h_matches_recompute(backend, act, seed):
     x, u, v, b = _inputs((130,), 48, 72, 12, torch.float32, True)

@@ -359,8 +359,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dx, du, dv, dbias};
 }
 
-at::Tensor lowrank_linear_fwd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
-                              const std::optional<at::Tensor>& bias, int64_t activation) {
+// Shared by the inference and the training forward; h_out (training) also receives h = x v^T.
+at::Tensor forward_entry(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                         const std::optional<at::Tensor>& bias, int64_t activation,
+                         at::Tensor* h_out) {
   // Kernels compute; autograd is the op's business (rosita_fast/ops/lowrank_linear.py).
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_inputs(x, u, v, bias, activation);
@@ -373,26 +375,22 @@ at::Tensor lowrank_linear_fwd(const at::Tensor& x, const at::Tensor& u, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_linear_fwd",
                                   [&] {
                                     out = forward_impl<scalar_t>(x2d, u.detach(), v.detach(), detached(bias),
-                                                                 static_cast<Activation>(activation));
+                                                                 static_cast<Activation>(activation), h_out);
                                   });
   return out.view(out_shape);
+}
+
+at::Tensor lowrank_linear_fwd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                              const std::optional<at::Tensor>& bias, int64_t activation) {
+  return forward_entry(x, u, v, bias, activation, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> lowrank_linear_train_fwd(
     const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, int64_t activation) {
-  const at::AutoDispatchBelowADInplaceOrView no_autograd;
-  check_inputs(x, u, v, bias, activation);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = u.size(0);
-  const auto x2d = x.detach().reshape({-1, x.size(-1)}).contiguous();
-  at::Tensor out, h;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_linear_train",
-                                  [&] {
-                                    out = forward_impl<scalar_t>(x2d, u.detach(), v.detach(), detached(bias),
-                                                                 static_cast<Activation>(activation), &h);
-                                  });
-  return {out.view(out_shape), h};
+  at::Tensor h;
+  auto out = forward_entry(x, u, v, bias, activation, &h);
+  return {out, h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd(

@@ -122,15 +122,16 @@ class KernelOp:
         """Call the ``torch.library`` op (autograd, tracing and ``torch.compile`` see it)."""
         return self.custom_op(*args)
 
-    def call(self, needs_grad: bool, *args):
-        """The op, or its eager no-grad fast path when no graph is needed.
+    def call(self, *args):
+        """The op for a call that records no autograd graph: eagerly, the no-grad fast path.
 
         The fast path runs the same backend selection and kernels; it only skips the custom-op
-        layer (tens of microseconds a call, which dominate at a few dozen tokens).
+        layer (several microseconds a call, which dominate at a few dozen tokens). Under
+        ``torch.compile`` the custom op is called, so the graph sees it.
         """
-        if not needs_grad and not torch.compiler.is_compiling():
-            return self.run(*args)
-        return self.custom_op(*args)
+        if torch.compiler.is_compiling():
+            return self.custom_op(*args)
+        return self.run(*args)
 
     def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
         """Attach the autograd formula to the custom op."""

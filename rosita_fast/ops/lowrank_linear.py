@@ -177,16 +177,20 @@ _TRAIN = define_op(
 )
 
 
-def _reference_backward_op(grad, x, u, v, bias, activation, h=None):
-    dx, du, dv, db = reference_backward(grad, x, u, v, bias, activation, h)
-    return dx, du, dv, db if db is not None else x.new_empty(0)
+def _bias_grad_as_tensor(backward):
+    # Custom ops cannot return None: an empty tensor stands for "no bias gradient".
+    def run(grad, x, u, v, bias, activation, h=None):
+        dx, du, dv, db = backward(grad, x, u, v, bias, activation, h)
+        return dx, du, dv, db if db is not None else x.new_empty(0)
+
+    return run
 
 
-def _triton_backward_op(grad, x, u, v, bias, activation, h=None):
+def _triton_backward(grad, x, u, v, bias, activation, h):
+    # The Triton backward recomputes h on chip (its dz kernel), so a kept h is not used.
     from rosita_fast.kernels.lowrank_linear import lowrank_linear_backward
 
-    dx, du, dv, db = lowrank_linear_backward(grad, x, u, v, bias, activation)
-    return dx, du, dv, db if db is not None else x.new_empty(0)
+    return lowrank_linear_backward(grad, x, u, v, bias, activation)
 
 
 _BWD = define_op(
@@ -194,10 +198,9 @@ _BWD = define_op(
     "(Tensor grad, Tensor x, Tensor u, Tensor v, Tensor? bias, str activation, Tensor? h=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     {
-        # Custom ops cannot return None: an empty tensor stands for "no bias gradient".
-        "reference": _reference_backward_op,
+        "reference": _bias_grad_as_tensor(reference_backward),
         "cpp": native("lowrank_linear_backward_cpp", _encode_bwd),
-        "triton": _triton_backward_op,
+        "triton": _bias_grad_as_tensor(_triton_backward),
         "cuda": native("lowrank_linear_backward_cuda", _encode_bwd),
     },
     _fake_backward,
@@ -360,6 +363,4 @@ def lowrank_linear(
     )
     if needs_grad:
         return _TRAIN(x, u, v, bias, activation)[0]
-    if not torch.compiler.is_compiling():
-        return _FWD.run(x, u, v, bias, activation)  # the no-grad fast path (see KernelOp.call)
-    return _FWD(x, u, v, bias, activation)
+    return _FWD.call(x, u, v, bias, activation)
