@@ -7,7 +7,14 @@ ops (``rosita_fast.ops``) -> kernels (``rosita_fast.kernels``, ``rosita_fast._C`
 
 from rosita_fast import ops
 from rosita_fast.backends import BACKENDS, available_backends, use_backend
-from rosita_fast.modules import LowRankLinear
+from rosita_fast.fast_modules import FastModulesConfig
+from rosita_fast.modules import (
+    FastTransformerLayer,
+    FusedEmbedding,
+    FusedFFN,
+    LowRankLinear,
+    PrunedSelfAttention,
+)
 from rosita_fast.swap import (
     LowRankConfig,
     SwapConfig,
@@ -38,6 +45,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FastModulesConfig",
+    "FastTransformerLayer",
+    "FusedEmbedding",
+    "FusedFFN",
+    "PrunedSelfAttention",
     "ImportanceTracker",
     "PruningSchedule",
     "LowRankConfig",

@@ -91,6 +91,10 @@ class SwapHandler:
 
     replace: Replace
     targets: Targets
+    needs_model: bool = False
+    """Whether ``replace`` takes the model as a fourth argument (for its config and adapter)."""
+    finalize: Callable[[nn.Module, SwapConfig], None] | None = None
+    """Called once with the model after every replacement is installed."""
 
 
 _HANDLERS: dict[type, SwapHandler] = {}
@@ -122,13 +126,19 @@ def layer_blocks(model: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]
 
 
 def register_swap_handler(
-    config_type: type, *, targets: Targets = linear_layers
+    config_type: type,
+    *,
+    targets: Targets = linear_layers,
+    needs_model: bool = False,
+    finalize: Callable[[nn.Module, SwapConfig], None] | None = None,
 ) -> Callable[[Replace], Replace]:
     """Register ``replace(module, config, name) -> new_module`` for configs of ``config_type``.
 
     ``targets(model)`` yields the ``(name, module)`` pairs the handler may replace (default:
     :func:`linear_layers`). Subclasses of ``config_type`` use the handler unless they register
-    their own. Used as a decorator::
+    their own. ``needs_model=True``: the handler is called as ``replace(module, config, name,
+    model)`` (whole-block handlers read the model's config and adapter). ``finalize(model,
+    config)`` runs once after the replacements are installed. Used as a decorator::
 
         @register_swap_handler(MyConfig, targets=lambda m: layer_blocks(m, "self_attention"))
         def _swap_attention(module, config, name): ...
@@ -137,7 +147,8 @@ def register_swap_handler(
         raise TypeError(f"register_swap_handler: {config_type!r} is not a SwapConfig subclass")
 
     def decorator(replace: Replace) -> Replace:
-        _HANDLERS[config_type] = SwapHandler(replace=replace, targets=targets)
+        _HANDLERS[config_type] = SwapHandler(replace=replace, targets=targets,
+                                             needs_model=needs_model, finalize=finalize)
         return replace
 
     return decorator
@@ -219,7 +230,11 @@ def swap_(
     planned: list[tuple[str, nn.Module, nn.Module]] = []
     for name, module in list(handler.targets(model)):
         if keep(module, name):
-            planned.append((name, handler.replace(module, config, name), module))
+            extra = (model,) if handler.needs_model else ()
+            new = handler.replace(module, config, name, *extra)
+            if new is not module:  # a handler may decline a target by returning it
+                new.train(module.training)  # new modules start in training mode
+                planned.append((name, new, module))
     report = SwapReport(params_before=before, params_after=before)
     for name, new, old in planned:
         parent_name, _, child = name.rpartition(".")
@@ -240,4 +255,6 @@ def swap_(
             )
         )
     report.params_after = _count(model)
+    if handler.finalize is not None and planned:
+        handler.finalize(model, config)
     return report

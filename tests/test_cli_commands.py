@@ -56,6 +56,7 @@ def test_compress_finetune_evaluate_summary_on_a_tiny_model(tiny_setup, capsys):
                  "--latency-sentences", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["metrics"]["acc"] <= 1.0 and report["latency_ms_batch1_1thread"] > 0
+    assert report["latency_fast_ms_batch1_1thread"] > 0
 
     assert main(["summary", str(model_dir)]) == 0
     assert "total" in capsys.readouterr().out

@@ -20,6 +20,10 @@ from kernel_harness import tolerance
 
 import rosita_fast
 from rosita_fast import ops
+from rosita_fast.ops.attention import reference_forward as attention_reference
+from rosita_fast.ops.embedding_layernorm import reference_forward as embedding_reference
+from rosita_fast.ops.linear_act import reference_forward as linear_act_reference
+from rosita_fast.ops.linear_residual_layernorm import reference_forward as lrln_reference
 from rosita_fast.ops.lowrank_linear import reference_forward as lowrank_reference
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -139,6 +143,326 @@ def _check_lowrank(case) -> None:
         _compare(g, rg, dtype, k, f"{backend} d{name}", mg)
 
 
+# ---- attention -------------------------------------------------------------------------------
+
+
+def _heads(draw, b: int, seq: int, h: int, d: int, dtype: torch.dtype, n: int) -> list:
+    """``n`` tensors ``[b, h, seq, d]`` with a contiguous last dim, drawn as transposed views of one
+    fused ``[b, seq, n, h, d]`` projection (how the model layers pass q, k, v), each its own
+    ``[b, seq, h, d]`` transposed, or every other ``d``-chunk of a wider buffer."""
+    layout = draw(st.sampled_from(["fused", "seq", "strided"]))
+    if layout == "fused":
+        fused = torch.randn(b, seq, n, h, d).to(dtype)
+        return [fused[:, :, i].transpose(1, 2) for i in range(n)]
+    if layout == "seq":
+        return [torch.randn(b, seq, h, d).to(dtype).transpose(1, 2) for _ in range(n)]
+    return [torch.randn(b, h, seq, 2 * d).to(dtype)[..., :d] for _ in range(n)]
+
+
+@st.composite
+def _attention_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    # The Triton backend is checked by tests/test_attention_triton.py.
+    backend = draw(st.sampled_from([n for n in _backends("attention", dtype) if n != "triton"]))
+    b, h = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    lq = draw(st.integers(1, 140))
+    lk = draw(st.one_of(st.just(lq), st.integers(1, 140)))
+    d = 8 * draw(st.integers(1, 16))
+    if lq == lk:
+        q, k, v = _heads(draw, b, lq, h, d, dtype, 3)
+    else:
+        (q,), (k, v) = _heads(draw, b, lq, h, d, dtype, 1), _heads(draw, b, lk, h, d, dtype, 2)
+    mask = None
+    if draw(st.booleans()):  # key padding: a kept prefix per row, possibly empty
+        lengths = torch.tensor(draw(st.lists(st.integers(0, lk), min_size=b, max_size=b)))
+        mask = torch.arange(lk)[None, :] < lengths[:, None]
+        mask = mask.to(draw(st.sampled_from([torch.bool, torch.int64, torch.float32])))
+    bias = None
+    if draw(st.booleans()):  # every dim full or broadcast; fp64 calls take an fp64 bias
+        shape = tuple(n if draw(st.booleans()) else 1 for n in (b, h, lq, lk))
+        bias_dtype = dtype if dtype == torch.float64 else draw(
+            st.sampled_from([dtype, torch.float32]))
+        bias = _tensor(draw, shape, bias_dtype)
+    grad_out = _tensor(draw, (b, h, lq, d), dtype)
+    return backend, dtype, (q, k, v, mask, bias), grad_out
+
+
+def _attention_magnitudes(q, k, v, mask, bias, scale, grad, out, bias_shape):
+    """The size of the terms each result sums (float64): ``P|v|`` for the output and, with
+    ``|dS| <= P (|dP| + |delta|)``, ``scale |dS| |k|``, ``scale |dS|^T |q|``, ``P^T |dO|`` and
+    ``|dS|`` (summed to bias's shape) for the gradients. P comes from the reference itself (its
+    output for identity values)."""
+    b, h, lk = k.shape[0], k.shape[1], k.shape[2]
+    eye = torch.eye(lk, dtype=torch.float64).expand(b, h, lk, lk)
+    p = attention_reference(q, k, eye, mask, bias, scale)
+    dp = grad @ v.transpose(-1, -2)
+    delta = (grad * out).sum(-1, keepdim=True)
+    ds = p * (dp.abs() + delta.abs())
+    mags = [p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
+            p.transpose(-1, -2) @ grad.abs()]
+    if bias_shape is not None:
+        dims = tuple(i for i, n in enumerate(bias_shape) if n == 1 and ds.shape[i] != 1)
+        mags.append(ds.sum(dims, keepdim=True) if dims else ds)
+    return mags
+
+
+def _check_attention(case) -> None:
+    backend, dtype, (q, k, v, mask, bias), grad_out = case
+    tensors = [t for t in (q, k, v, bias) if t is not None]
+    for t in tensors:
+        t.requires_grad_(True)
+    with rosita_fast.use_backend(backend):
+        out = ops.attention(q, k, v, mask, bias)
+        grads = torch.autograd.grad(out, tensors, grad_out)
+    args64 = [t.detach().double().requires_grad_(True) for t in tensors]
+    q64, k64, v64, bias64 = (*args64[:3], args64[3] if bias is not None else None)
+    keep = None if mask is None else mask != 0
+    scale = q.shape[-1] ** -0.5
+    ref = attention_reference(q64, k64, v64, keep, bias64, scale)
+    ref_grads = torch.autograd.grad(ref, args64, grad_out.double())
+    with torch.no_grad():
+        mags = _attention_magnitudes(q64, k64, v64, keep, bias64, scale, grad_out.double(), ref,
+                                     None if bias is None else bias.shape)
+    lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
+    _compare(out, ref, dtype, max(lk, d), f"{backend} forward", mags[0])
+    names = ("q", "k", "v", "bias")[: len(tensors)]
+    for name, g, rg, mg, t in zip(names, grads, ref_grads, mags[1:], tensors, strict=True):
+        assert g.dtype == t.dtype, f"{backend} d{name}: dtype {g.dtype} != {t.dtype}"
+        # An fp32 bias of a bf16/fp16 call: its gradient carries the call's rounding.
+        _compare(g.to(dtype), rg, dtype, max(lq, lk, d), f"{backend} d{name}", mg)
+
+
+# ---- embedding_layernorm ---------------------------------------------------------------------
+
+_EMB_SLOTS = (1, 3, 5, 6, 7, 9)  # the floating inputs: word, position, token type, ln w/b, proj
+
+
+@st.composite
+def _embedding_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    backend = draw(st.sampled_from(_backends("embedding_layernorm", dtype)))
+    b, length, hidden = draw(st.integers(0, 4)), draw(st.integers(0, 6)), draw(st.integers(1, 70))
+    vocab, max_pos = draw(st.integers(1, 20)), draw(st.integers(1, 10))
+    rank = draw(st.one_of(st.none(), st.integers(1, 20)))
+    types = draw(st.one_of(st.none(), st.integers(1, 3)))
+    ids = torch.randint(0, vocab, (b, length))
+    if draw(st.booleans()):
+        ids = ids.int()
+    pos_ids = torch.randint(0, max_pos, (draw(st.sampled_from([1, b])), length))
+    tt_ids = torch.randint(0, types, (draw(st.sampled_from([1, b])), length)) if types else None
+    args = (
+        ids,
+        _tensor(draw, (vocab, rank or hidden), dtype),
+        pos_ids,
+        _tensor(draw, (max_pos, hidden), dtype),
+        tt_ids,
+        _tensor(draw, (types, hidden), dtype) if types else None,
+        _tensor(draw, (hidden,), dtype),
+        _tensor(draw, (hidden,), dtype),
+        draw(st.sampled_from([1e-5, 1e-12])),
+        _tensor(draw, (hidden, rank), dtype, scale=rank**-0.5) if rank else None,
+        draw(st.one_of(st.none(), st.integers(-vocab, vocab - 1))),
+        draw(st.one_of(st.none(), st.integers(-max_pos, max_pos - 1))),
+    )
+    return backend, dtype, args, _tensor(draw, (b, length, hidden), dtype)
+
+
+def _embedding_magnitudes(args64, grad):
+    """Size of the terms behind each result (float64): the forward's ``(|x| + |mean|) * rstd``
+    (``x - mean`` cancels where a row's values nearly agree) through the affine, and the same
+    through every gradient with all terms taken absolute (as :func:`_compare`'s ``magnitude``)."""
+    ids, word, pos_ids, pos, tt_ids, tt, gamma, beta, eps, proj, _, _ = args64
+    b, length = ids.shape
+    n, hidden = b * length, gamma.shape[0]
+    flat = ids.reshape(n).long()
+    rows = {"pos": pos_ids.expand(b, length).reshape(n).long()}
+    w, w_mag = word[flat], word[flat].abs()
+    if proj is not None:
+        w, w_mag = w @ proj.t(), w_mag @ proj.abs().t()
+    x, x_mag = w + pos[rows["pos"]], w_mag + pos[rows["pos"]].abs()
+    if tt is not None:
+        rows["tt"] = tt_ids.expand(b, length).reshape(n).long()
+        x, x_mag = x + tt[rows["tt"]], x_mag + tt[rows["tt"]].abs()
+    mu = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)
+    xh = (x_mag + mu.abs()) * rstd
+    out = (xh * gamma.abs() + beta.abs()).view(b, length, hidden)
+    dy = grad.reshape(n, hidden).abs()
+    g = dy * gamma.abs()
+    dx = rstd * (g + g.mean(-1, keepdim=True) + xh * (g * xh).mean(-1, keepdim=True))
+
+    def table(src, idx, like):
+        return torch.zeros(like.shape[0], src.shape[1], dtype=src.dtype).index_add_(0, idx, src)
+
+    grads = [
+        table(dx @ proj.abs() if proj is not None else dx, flat, word),
+        table(dx, rows["pos"], pos),
+        table(dx, rows["tt"], tt) if tt is not None else None,
+        (dy * xh).sum(0),
+        dy.sum(0),
+        dx.t() @ word[flat].abs() if proj is not None else None,
+    ]
+    return out, [m for m in grads if m is not None]
+
+
+def _check_embedding(case) -> None:
+    backend, dtype, args, grad_out = case
+    tensors = [args[i] for i in _EMB_SLOTS if args[i] is not None]
+    for t in tensors:
+        t.requires_grad_(True)
+    with rosita_fast.use_backend(backend):
+        out = ops.embedding_layernorm(*args)
+        grads = torch.autograd.grad(out, tensors, grad_out, allow_unused=True)
+    args64 = [a.detach().double().requires_grad_(True)
+              if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    ref = embedding_reference(*args64)
+    targets64 = [args64[i] for i in _EMB_SLOTS if args64[i] is not None]
+    ref_grads = torch.autograd.grad(ref, targets64, grad_out.double(), allow_unused=True)
+    with torch.no_grad():
+        mag, mag_grads = _embedding_magnitudes(args64, grad_out.double())
+    b, length = args[0].shape
+    hidden, rank = args[6].shape[0], args[1].shape[1]
+    k = max(hidden, rank, 1)
+    # The forward's magnitude is per element, not a sum of k terms: undo _compare's 1/sqrt(k).
+    _compare(out, ref, dtype, k, f"{backend} forward", mag * k**0.5)
+    k = max(k, b * length)
+    names = [n for n, i in zip(("word", "pos", "tt", "ln_w", "ln_b", "proj"), _EMB_SLOTS,
+                               strict=True) if args[i] is not None]
+    for name, g, rg, t, mg in zip(names, grads, ref_grads, targets64, mag_grads, strict=True):
+        rg = torch.zeros_like(t) if rg is None else rg
+        _compare(g, rg, dtype, k, f"{backend} d{name}", mg)
+
+
+# ---- linear_act ------------------------------------------------------------------------------
+
+
+def _width(draw) -> int:
+    # Up to 70, or a few hundred: with up to 25 rows the C++ backend takes both its MKL route (fp32
+    # products under 2^20 multiply-adds, 2^18 with a packed weight) and oneDNN.
+    return draw(st.one_of(st.integers(1, 70), st.integers(200, 500)))
+
+
+@st.composite
+def _linear_act_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    backend = draw(st.sampled_from(_backends("linear_act", dtype)))
+    lead = tuple(draw(st.lists(st.integers(0, 5), max_size=2)))
+    k, n = _width(draw), _width(draw)
+    x = _tensor(draw, (*lead, k), dtype)
+    weight = _tensor(draw, (n, k), dtype, scale=k**-0.5)
+    bias = _tensor(draw, (n,), dtype) if draw(st.booleans()) else None
+    activation = draw(st.sampled_from(["none", "relu", "gelu", "gelu_tanh"]))
+    grad_out = _tensor(draw, (*lead, n), dtype)
+    packed = backend == "cpp" and draw(st.booleans())  # also checked with a packed weight
+    return backend, dtype, (x, weight, bias, activation), grad_out, packed
+
+
+def _check_linear_act(case) -> None:
+    backend, dtype, (x, weight, bias, activation), grad_out, packed = case
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    for t in tensors:
+        t.requires_grad_(True)
+    with rosita_fast.use_backend(backend):
+        out = ops.linear_act(x, weight, bias, activation)
+        grads = torch.autograd.grad(out, tensors, grad_out, allow_unused=True)
+    ref, ref_grads, args64 = _reference_with_grads(
+        linear_act_reference, (x, weight, bias), activation, grad_out, absolute=False
+    )
+    mag, mag_grads, _ = _reference_with_grads(
+        linear_act_reference, (x, weight, bias), activation, grad_out, absolute=True
+    )
+    m = out.numel() // max(out.shape[-1], 1)
+    k = max(x.shape[-1], weight.shape[0], m, 1)
+    _compare(out, ref, dtype, k, f"{backend} forward", mag)
+    for i, (name, g, rg, mg) in enumerate(
+        zip(("x", "weight", "bias"), grads, ref_grads, mag_grads, strict=False)
+    ):
+        if rg is None:
+            rg = mg = torch.zeros_like(args64[i])
+        _compare(g, rg, dtype, k, f"{backend} d{name}", mg)
+    packed_weight = ops.pack_linear_weight(weight) if packed else None
+    if packed_weight is not None:
+        with torch.no_grad(), rosita_fast.use_backend(backend):
+            out = ops.linear_act(x, weight, bias, activation, packed_weight)
+        _compare(out, ref, dtype, k, f"{backend} packed forward", mag)
+
+
+# ---- linear_residual_layernorm ----------------------------------------------------------------
+
+
+@st.composite
+def _lrln_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    backend = draw(st.sampled_from(_backends("linear_residual_layernorm", dtype)))
+    lead = tuple(draw(st.lists(st.integers(0, 5), max_size=2)))
+    k, n = _width(draw), _width(draw)
+    args = (
+        _tensor(draw, (*lead, k), dtype),
+        _tensor(draw, (n, k), dtype, scale=k**-0.5),
+        _tensor(draw, (n,), dtype) if draw(st.booleans()) else None,
+        _tensor(draw, (*lead, n), dtype),
+        _tensor(draw, (n,), dtype),
+        _tensor(draw, (n,), dtype),
+        draw(st.sampled_from([1e-5, 1e-12])),
+    )
+    packed = backend == "cpp" and draw(st.booleans())  # also checked with a packed weight
+    return backend, dtype, args, _tensor(draw, (*lead, n), dtype), packed
+
+
+def _lrln_magnitudes(args64, grad):
+    """Size of the terms behind each result (float64), as for embedding_layernorm: the pre-norm
+    rows' terms ``|x| |W|^T + |b| + |residual|`` plus ``|mean|``, times ``rstd`` (``y - mean``
+    cancels where a row's values nearly agree), through the affine and, with every term taken
+    absolute, through each gradient."""
+    x, w, b, res, gamma, beta, eps = args64
+    n = w.shape[0]
+    x2d, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, n).abs()
+    y = x2d @ w.t() + (b if b is not None else 0) + res.reshape(-1, n)
+    terms = x2d.abs() @ w.abs().t() + (b.abs() if b is not None else 0) + res.reshape(-1, n).abs()
+    mu = y.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((y - mu) ** 2).mean(-1, keepdim=True) + eps)
+    xh = (terms + mu.abs()) * rstd
+    out = (xh * gamma.abs() + beta.abs()).view(res.shape)
+    g = grad * gamma.abs()
+    dy = rstd * (g + g.mean(-1, keepdim=True) + xh * (g * xh).mean(-1, keepdim=True))
+    grads = [(dy @ w.abs()).view(x.shape), dy.t() @ x2d.abs()]
+    if b is not None:
+        grads.append(dy.sum(0))
+    grads += [dy.view(res.shape), (grad * xh).sum(0), grad.sum(0)]
+    return out, grads
+
+
+def _check_lrln(case) -> None:
+    backend, dtype, args, grad_out, packed = case
+    *tensors, eps = args
+    inputs = [t for t in tensors if t is not None]
+    for t in inputs:
+        t.requires_grad_(True)
+    with rosita_fast.use_backend(backend):
+        out = ops.linear_residual_layernorm(*args)
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    args64 = [t.detach().double().requires_grad_(True) if t is not None else None
+              for t in tensors]
+    ref = lrln_reference(*args64, eps)
+    targets64 = [t for t in args64 if t is not None]
+    ref_grads = torch.autograd.grad(ref, targets64, grad_out.double(), allow_unused=True)
+    with torch.no_grad():
+        mag, mag_grads = _lrln_magnitudes([*args64, eps], grad_out.double())
+    k_in, n = args[0].shape[-1], args[1].shape[0]
+    _compare(out, ref, dtype, max(k_in, 1), f"{backend} forward", mag)
+    names = [name for name, t in zip(("x", "weight", "bias", "residual", "ln_weight", "ln_bias"),
+                                     tensors, strict=True) if t is not None]
+    k = max(k_in, n, out.numel() // n, 1)
+    for name, g, rg, t, mg in zip(names, grads, ref_grads, targets64, mag_grads, strict=True):
+        rg = torch.zeros_like(t) if rg is None else rg
+        _compare(g, rg, dtype, k, f"{backend} d{name}", mg)
+    packed_weight = ops.pack_linear_weight(args[1]) if packed else None
+    if packed_weight is not None:
+        with torch.no_grad(), rosita_fast.use_backend(backend):
+            out = ops.linear_residual_layernorm(*args, packed_weight)
+        _compare(out, ref, dtype, max(k_in, 1), f"{backend} packed forward", mag)
+
+
 @dataclass(frozen=True)
 class FuzzEntry:
     cases: Callable[[], st.SearchStrategy]
@@ -148,6 +472,10 @@ class FuzzEntry:
 
 #: One entry per public op (test_op_inventory checks that none is missing).
 FUZZ: dict[str, FuzzEntry] = {
+    "attention": FuzzEntry(_attention_cases, _check_attention, max_examples=60),
+    "embedding_layernorm": FuzzEntry(_embedding_cases, _check_embedding, max_examples=60),
+    "linear_act": FuzzEntry(_linear_act_cases, _check_linear_act, max_examples=60),
+    "linear_residual_layernorm": FuzzEntry(_lrln_cases, _check_lrln, max_examples=60),
     "lowrank_linear": FuzzEntry(_lowrank_cases, _check_lowrank, max_examples=60),
 }
 

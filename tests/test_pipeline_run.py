@@ -38,7 +38,9 @@ def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa:
     assert "(teacher: `teacher`)" in table
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [r["parameters"] for r in data] == [s.num_parameters for s in result.stages]
-    assert all(r["latency_ms"] > 0 for r in data)
+    assert all(r["latency_ms"] > 0 and r["latency_fast_ms"] > 0 for r in data)
+    assert all(r["trained_on"] == "fast" for r in data)
+    assert "latency ms (fast)" in table and "trained on" in table
     assert data[-1]["ratio"] > 1.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(0.0 <= r["metric"] <= 1.0 for r in data)
@@ -102,3 +104,12 @@ def test_augmented_stages_use_the_cached_augmented_set(tiny_setup):  # noqa: F81
     assert 160 < len(cached) <= 3 * 160  # the originals plus up to 2 variants each
     assert any(line.startswith(f"[student] {len(cached)} training examples") for line in lines)
     assert any(line.startswith("[teacher] 160 training examples") for line in lines)
+
+
+def test_stock_modules_when_asked(tiny_setup):  # noqa: F811
+    recipe = recipe_from_dict(tiny_recipe(tiny_setup["model"]))
+    out = tiny_setup["root"] / "stock"
+    result = run_pipeline(recipe, out, data_dir=tiny_setup["data"], progress=False,
+                          log=lambda _: None, fast_modules=False, stop_after="student")
+    assert [s.fast_modules for s in result.stages] == [
+        {"student": "stock"}, {"student": "stock", "teacher": "stock"}]

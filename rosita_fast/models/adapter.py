@@ -48,6 +48,15 @@ class ArchitectureAdapter:
     ffn_output: str = "output.dense"
     layers: str = "encoder.layer"
     word_embeddings: str = "embeddings.word_embeddings"
+    attention_block: str = "attention"
+    """The module that runs self-attention, output projection, residual add and LayerNorm."""
+    attention_layernorm: str = "attention.output.LayerNorm"
+    ffn_layernorm: str = "output.LayerNorm"
+    embeddings: str = "embeddings"
+    """The embeddings module (relative to the base model)."""
+    layer_style: str = "bert"
+    """How the stock encoder calls a layer (``"bert"``: returns a tensor; ``"mpnet"``: takes the
+    position bias and returns a tuple); the fast layer answers the same way."""
     student_config_class: type | None = None
     student_classes: dict[type, type] = field(default_factory=dict)
     """Dense model class -> student model class with the same head."""

@@ -151,6 +151,8 @@ MPNET_ADAPTER = register_adapter(
         value="attention.attn.v",
         attention_output="attention.attn.o",
         self_attention="attention.attn",
+        attention_layernorm="attention.LayerNorm",
+        layer_style="mpnet",
         student_config_class=RositaMPNetConfig,
         student_classes={
             MPNetModel: RositaMPNetModel,

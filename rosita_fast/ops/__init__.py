@@ -7,8 +7,9 @@ fakes, dispatch by backend, the no-grad fast path). Backends: ``reference`` (pla
 ``cpp`` (``rosita_fast._C``), ``triton`` (``rosita_fast.kernels``), ``cuda``
 (``rosita_fast._C_cuda``); see ``rosita_fast.backends``.
 
-Public entry points (stable): :func:`lowrank_linear`. :data:`OPS` lists every public op and its
-backends.
+Public entry points (stable): :func:`lowrank_linear`, :func:`attention`, :func:`linear_act`,
+:func:`linear_residual_layernorm` (and :func:`pack_linear_weight`, the prepacked weight the last
+two take), :func:`embedding_layernorm`. :data:`OPS` lists every public op and its backends.
 """
 
 from __future__ import annotations
@@ -19,9 +20,22 @@ import torch
 
 from rosita_fast._extension import HAS_CPP, warn_cpp_fallback
 from rosita_fast.ops._registry import REGISTRY, public_ops
+from rosita_fast.ops.attention import attention
+from rosita_fast.ops.embedding_layernorm import embedding_layernorm
+from rosita_fast.ops.linear_act import linear_act, pack_linear_weight
+from rosita_fast.ops.linear_residual_layernorm import linear_residual_layernorm
 from rosita_fast.ops.lowrank_linear import lowrank_linear
 
-__all__ = ["OPS", "REGISTRY", "lowrank_linear"]
+__all__ = [
+    "OPS",
+    "REGISTRY",
+    "attention",
+    "embedding_layernorm",
+    "linear_act",
+    "linear_residual_layernorm",
+    "lowrank_linear",
+    "pack_linear_weight",
+]
 
 #: The public ops and the backends each one implements.
 OPS: dict[str, tuple[str, ...]] = public_ops()

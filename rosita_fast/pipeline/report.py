@@ -3,7 +3,9 @@
 Latency is measured here, on this machine's CPU: every stage's selected model runs the first
 ``latency_sentences`` dev sentences one at a time (batch 1, no padding, fp32, eval mode, no
 grad) with ``latency_threads`` torch threads after a short warm-up; the table gives the median
-milliseconds per sentence.
+milliseconds per sentence, once for the stock Hugging Face modules and once with rosita_fast's
+fast modules swapped in (:class:`~rosita_fast.FastModulesConfig`). The table also says what each
+stage trained on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..data import Example, GlueTask
 from ..models import model_layout
 from .recipe import Recipe
 
-__all__ = ["describe_layout", "measure_latency", "write_report"]
+__all__ = ["describe_layout", "measure_latencies", "measure_latency", "write_report"]
 
 _WARMUP = 5
 
@@ -63,16 +65,37 @@ def measure_latency(model: nn.Module, tokenizer: Any, examples: Sequence[Example
     return 1000.0 * statistics.median(times)
 
 
-def _row(name: str, model_dir: Path, metric_value: float | None, wall: float | None,
-         task: GlueTask, dev: Sequence[Example], recipe: Recipe) -> dict[str, Any]:
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    latency = measure_latency(model, tokenizer, dev[: recipe.report.latency_sentences],
-                              recipe.report.latency_threads,
-                              recipe.data.max_length or task.max_seq_length)
-    return {"stage": name, "shape": describe_layout(model),
-            "parameters": count_parameters(model), "metric": metric_value,
-            "latency_ms": latency, "wall_minutes": None if wall is None else wall / 60}
+def measure_latencies(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
+                      threads: int = 1, max_length: int = 128) -> dict[str, float | None]:
+    """:func:`measure_latency` of ``model`` as loaded (``"stock"``) and with the fast modules
+    swapped in (``"fast"``; ``None`` if they cannot run this model). Swaps ``model`` in place."""
+    from ..fast_modules import FastModulesConfig
+    from ..swap import swap_
+
+    out: dict[str, float | None] = {
+        "stock": measure_latency(model, tokenizer, examples, threads, max_length)}
+    try:
+        swap_(model, FastModulesConfig())
+    except (ValueError, TypeError):
+        out["fast"] = None
+    else:
+        out["fast"] = measure_latency(model, tokenizer, examples, threads, max_length)
+    return out
+
+
+def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe) -> dict[str, Any]:
+    model = AutoModelForSequenceClassification.from_pretrained(str(outcome.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(outcome.model_dir))
+    shape, parameters = describe_layout(model), count_parameters(model)
+    latency = measure_latencies(model, tokenizer, dev[: recipe.report.latency_sentences],
+                                recipe.report.latency_threads,
+                                recipe.data.max_length or task.max_seq_length)
+    wall = outcome.wall_seconds
+    return {"stage": outcome.name, "shape": shape, "parameters": parameters,
+            "metric": outcome.best_metric, "latency_ms": latency["stock"],
+            "latency_fast_ms": latency["fast"],
+            "trained_on": (outcome.fast_modules or {}).get("student", "stock"),
+            "wall_minutes": None if wall is None else wall / 60}
 
 
 def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
@@ -90,8 +113,7 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
     """
     out = Path(result.output_dir)
     teacher_name = recipe.teacher_stage()
-    rows = [_row(s.name, s.model_dir, s.best_metric, s.wall_seconds, task, dev, recipe)
-            for s in result.stages]
+    rows = [_row(s, task, dev, recipe) for s in result.stages]
     teacher = next(r for r in rows if r["stage"] == teacher_name)
     for r in rows:
         r["ratio"] = teacher["parameters"] / r["parameters"]
@@ -103,17 +125,21 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
              f"Dev {metric} of the selected model of every stage (teacher: `{teacher_name}`). "
              "Parameters count every tensor, embeddings included. Latency: median CPU ms per "
              f"dev sentence at batch 1, {recipe.report.latency_threads} thread(s), fp32, "
-             f"first {min(len(dev), recipe.report.latency_sentences)} dev sentences.", "",
+             f"first {min(len(dev), recipe.report.latency_sentences)} dev sentences, in stock "
+             "Hugging Face (HF) and with rosita_fast's fast modules (fast). `trained on`: the "
+             "modules the stage trained through.", "",
              f"| stage | shape | parameters | × smaller | dev {metric} | % of teacher | "
-             "latency ms | wall min |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "latency ms (HF) | latency ms (fast) | trained on | wall min |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         value = "-" if r["metric"] is None else f"{r['metric']:.4f}"
         kept = "-" if r["retained"] is None else f"{100 * r['retained']:.1f}"
         wall = "-" if r["wall_minutes"] is None else f"{r['wall_minutes']:.1f}"
         mark = " (teacher)" if r["stage"] == teacher_name != "teacher" else ""
+        fast = "-" if r["latency_fast_ms"] is None else f"{r['latency_fast_ms']:.2f}"
         lines.append(f"| {r['stage']}{mark} | {r['shape']} | {r['parameters']:,} | "
-                     f"{r['ratio']:.2f} | {value} | {kept} | {r['latency_ms']:.2f} | {wall} |")
+                     f"{r['ratio']:.2f} | {value} | {kept} | {r['latency_ms']:.2f} | {fast} | "
+                     f"{r['trained_on']} | {wall} |")
     lines += ["", f"Total training wall time: {total_wall:.1f} min.", "",
               "![metric vs parameters](report.png)", ""]
     report = out / "report.md"

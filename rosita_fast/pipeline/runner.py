@@ -56,6 +56,8 @@ class StageOutcome:
     num_parameters: int
     steps: int
     wall_seconds: float
+    fast_modules: dict[str, str] = field(default_factory=dict)
+    """What the stage trained on (``{"student": "fast", "teacher": "fast"}``)."""
 
 
 @dataclass
@@ -132,6 +134,7 @@ def run_pipeline(
     progress: bool = True,
     log: Callable[[str], None] = print,
     make_report: bool = True,
+    fast_modules: bool | None = None,
 ) -> PipelineResult:
     """Run ``recipe``'s stages in order and write the end report.
 
@@ -145,6 +148,8 @@ def run_pipeline(
         progress: tqdm progress bars during training.
         log: where progress lines go.
         make_report: write ``report.md``/``report.png`` once every stage has finished.
+        fast_modules: ``False`` trains every stage on the stock Hugging Face modules (the CLI's
+            ``--no-fast-modules``); ``None`` keeps each stage's ``train.fast_modules`` (default on).
 
     Raises:
         RecipeError, PipelineError, DataError, TokenizerMismatchError, TrainConfigError: bad
@@ -161,6 +166,8 @@ def run_pipeline(
     data_path = Path(data_dir) if data_dir is not None else None
     model_source = resolve_model(recipe.model)
     configs = {s.name: recipe.train_config(s) for s in recipe.stages}
+    if fast_modules is not None:
+        configs = {name: _with(c, fast_modules=fast_modules) for name, c in configs.items()}
     # Read the data before creating anything, so a bad directory leaves no trace.
     train_all = load_split(task, "train", data_path)
     dev = load_split(task, "dev", data_path)
@@ -204,7 +211,8 @@ def _model_config(source: str) -> Any:
 def _outcome_from_record(name: str, record: dict[str, Any]) -> StageOutcome:
     r = record["result"]
     return StageOutcome(name, Path(r["model_dir"]), r["metric"], r["best_metric"],
-                        r["num_parameters"], r["steps"], record.get("wall_seconds", 0.0))
+                        r["num_parameters"], r["steps"], record.get("wall_seconds", 0.0),
+                        r.get("fast_modules", {}))
 
 
 def _stage_model_dir(output_dir: Path, name: str) -> Path:

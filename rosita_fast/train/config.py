@@ -153,6 +153,10 @@ class TrainConfig:
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         num_workers: DataLoader worker processes.
         progress: show tqdm progress bars (rank 0 only).
+        fast_modules: train the model, and run the teacher (inference mode), through rosita_fast's
+            fused modules (:class:`~rosita_fast.FastModulesConfig`); same function, faster. A
+            model the fast modules cannot run (see :attr:`Trainer.fast_modules`), and a KD loss
+            that needs attention maps, train on the stock modules with a warning.
     """
 
     epochs: int = 3
@@ -179,6 +183,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = 0
     progress: bool = True
+    fast_modules: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "train")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ __all__ = ["TrainResult", "Trainer", "train_stage"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # Options that do not change what is computed; a resumed run may change them.
-_RESUME_FREE = {"progress", "num_workers", "device"}
+# Options that do not change what a run computes (fast modules compute the same function).
+_RESUME_FREE = {"progress", "num_workers", "device", "fast_modules"}
 # 2: importance lives in the pruning schedule's state (one copy, the same on every rank), and
 # is gathered from the DDP-averaged gradient; format-1 checkpoints held per-rank hook sums.
 _STATE_FORMAT = 2
@@ -87,6 +88,7 @@ class TrainResult:
         num_parameters: parameters of the selected model (all of them, embeddings included).
         steps: updates done.
         stopped_early: patience ran out before the nominal end.
+        fast_modules: what student and teacher ran on (``"fast"`` or ``"stock"``, per role).
     """
 
     model_dir: Path
@@ -97,6 +99,7 @@ class TrainResult:
     num_parameters: int
     steps: int
     stopped_early: bool
+    fast_modules: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the content of ``result.json``)."""
@@ -177,6 +180,7 @@ class Trainer:
             self._check_resumable(state, checkpoint)
         self.model = model.to(self.device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
+        self.fast_modules = self._swap_fast_modules()
         self._quirk_handles = []
         if config.kd.relu_before_classifier:
             for net in (self.model, self.teacher):
@@ -185,6 +189,34 @@ class Trainer:
         self._setup_training_state(state)
         self._ddp: nn.Module | None = None
         self._wrap_model()
+
+    def _swap_fast_modules(self) -> dict[str, str]:
+        """Swap student and teacher onto the fast modules; returns what each one runs on."""
+        from ..fast_modules import FastModulesConfig, is_fast
+        from ..swap import swap_
+
+        used = {}
+        for role, net in (("student", self.model), ("teacher", self.teacher)):
+            if net is None:
+                continue
+            reason = None
+            if not self.config.fast_modules:
+                reason = "train.fast_modules is off"
+            elif self.config.kd.attention_weight:
+                reason = "attention-map distillation needs the stock attention"
+            else:
+                try:
+                    swap_(net, FastModulesConfig())
+                except (ValueError, TypeError) as exc:
+                    reason = str(exc)
+            if reason is not None and not is_fast(net):
+                if self.config.fast_modules:
+                    warnings.warn(f"{role} trains on the stock modules: {reason}",
+                                  RuntimeWarning, stacklevel=3)
+                used[role] = "stock"
+            else:
+                used[role] = "fast"
+        return used
 
     # ---- checks --------------------------------------------------------------------------
 
@@ -542,7 +574,7 @@ class Trainer:
             model_dir=model_dir, metric=self.metric, best_metric=sel.best_metric,
             best_step=sel.best_step, best_metrics=sel.best_metrics,
             num_parameters=self.dist.broadcast(self.saved_parameters), steps=self.steps_done,
-            stopped_early=self.stopped_early)
+            stopped_early=self.stopped_early, fast_modules=dict(self.fast_modules))
         if self.dist.is_main:
             write_json_atomic(self.output_dir / RESULT_FILE, result.to_dict())
         self.dist.barrier()
