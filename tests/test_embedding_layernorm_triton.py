@@ -273,7 +273,6 @@ needs_triton_entry = pytest.mark.skipif(
 )
 
 
-@needs_triton_entry
 @pytest.mark.parametrize("rank", [None, 24], ids=["dense", "factorized"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_public_op_autograd_matches_float64(dtype, rank):

@@ -224,18 +224,7 @@ def test_bad_inputs_raise():
 # ----------------------------------------------------------------------------------------------
 
 
-def _has_triton_backend() -> bool:
-    return "triton" in rosita_fast.ops.OPS["linear_act"]
 
-
-needs_triton_entry = pytest.mark.skipif(
-    not _has_triton_backend(),
-    reason="rosita_fast/ops/linear_act.py has no 'triton' entry in its backend tables yet: "
-    "the kernels are tested through their launchers above",
-)
-
-
-@needs_triton_entry
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_public_op_autograd_matches_float64(activation, dtype):
@@ -261,7 +250,6 @@ def test_public_op_autograd_matches_float64(activation, dtype):
         assert_close(t.grad, want, dtype, name, k=40)
 
 
-@needs_triton_entry
 def test_public_op_ignores_packed_weight_and_raises_for_float64():
     """The packed-weight hint is accepted and ignored; fp64 raises instead of falling back."""
     x, w = rand(6, 16), rand(8, 16)

@@ -262,7 +262,6 @@ needs_triton_entry = pytest.mark.skipif(
 )
 
 
-@needs_triton_entry
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_public_op_autograd_matches_float64(dtype, with_bias):
@@ -298,7 +297,6 @@ def test_public_op_autograd_matches_float64(dtype, with_bias):
         assert_close(t.grad, want, dtype, name, k=40)
 
 
-@needs_triton_entry
 def test_public_op_ignores_packed_weight_and_raises_for_float64():
     x, w, res, ln_w, ln_b = rand(6, 16), rand(8, 16), rand(6, 8), rand(8), rand(8)
     packed = rosita_fast.ops.pack_linear_weight(w)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rosita_fast.backends import forced_backend, use_backend
-from rosita_fast.ops._registry import define_op, native
+from rosita_fast.ops._registry import define_op, lazy, native
 
 __all__ = ["embedding_layernorm", "reference_backward", "reference_forward"]
 
@@ -222,6 +222,7 @@ _FWD = define_op(
     {
         "reference": reference_forward,
         "cpp": native("embedding_layernorm_cpp"),
+        "triton": lazy("rosita_fast.kernels.embedding_layernorm", "embedding_layernorm_forward"),
     },
     _fake_forward,
 )
@@ -236,6 +237,7 @@ _TRAIN = define_op(
     {
         "reference": _reference_train,
         "cpp": native("embedding_layernorm_train_cpp"),
+        "triton": lazy("rosita_fast.kernels.embedding_layernorm", "embedding_layernorm_train"),
     },
     _fake_train,
     public=False,
@@ -260,6 +262,7 @@ _BWD = define_op(
     {
         "reference": _missing_grads_as_tensors(reference_backward),
         "cpp": native("embedding_layernorm_backward_cpp"),
+        "triton": lazy("rosita_fast.kernels.embedding_layernorm", "embedding_layernorm_backward"),
     },
     _fake_backward,
     public=False,

@@ -20,7 +20,7 @@ from rosita_fast.activations import (
 )
 from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._autocast import autocast_inputs
-from rosita_fast.ops._registry import define_op, native
+from rosita_fast.ops._registry import define_op, lazy, native
 
 __all__ = ["linear_act", "pack_linear_weight", "reference_backward", "reference_forward"]
 
@@ -139,6 +139,7 @@ _FWD = define_op(
     {
         "reference": reference_forward,
         "cpp": native("linear_act_cpp", _encode),
+        "triton": lazy("rosita_fast.kernels.linear_act", "linear_act_forward"),
     },
     _fake_forward,
 )
@@ -153,6 +154,7 @@ _TRAIN = define_op(
     {
         "reference": _reference_train,
         "cpp": native("linear_act_train_cpp", _encode_train),
+        "triton": lazy("rosita_fast.kernels.linear_act", "linear_act_train"),
     },
     _fake_train,
     public=False,
@@ -172,6 +174,7 @@ _BWD = define_op(
     {
         "reference": _bias_grad_as_tensor,
         "cpp": native("linear_act_backward_cpp", _encode_bwd),
+        "triton": lazy("rosita_fast.kernels.linear_act", "linear_act_backward"),
     },
     _fake_backward,
     public=False,

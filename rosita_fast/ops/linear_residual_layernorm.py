@@ -18,7 +18,7 @@ import torch
 
 from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._autocast import autocast_inputs
-from rosita_fast.ops._registry import define_op, native
+from rosita_fast.ops._registry import define_op, lazy, native
 from rosita_fast.ops.linear_act import check_packed, gemm_dtype
 
 __all__ = ["linear_residual_layernorm", "reference_backward", "reference_forward"]
@@ -145,6 +145,8 @@ def _fake_backward(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, y=N
 
 # ---- backends -----------------------------------------------------------------------------------
 
+_TRITON = "rosita_fast.kernels.linear_residual_layernorm"
+
 _FWD = define_op(
     "linear_residual_layernorm",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, "
@@ -152,6 +154,7 @@ _FWD = define_op(
     {
         "reference": reference_forward,
         "cpp": native("linear_residual_layernorm_cpp"),
+        "triton": lazy(_TRITON, "linear_residual_layernorm_forward"),
     },
     _fake_forward,
 )
@@ -168,6 +171,7 @@ _TRAIN = define_op(
     {
         "reference": _reference_train,
         "cpp": native("linear_residual_layernorm_train_cpp"),
+        "triton": lazy(_TRITON, "linear_residual_layernorm_train"),
     },
     _fake_train,
     public=False,
@@ -188,6 +192,7 @@ _BWD = define_op(
     {
         "reference": _bias_grad_as_tensor,
         "cpp": native("linear_residual_layernorm_backward_cpp"),
+        "triton": lazy(_TRITON, "linear_residual_layernorm_backward"),
     },
     _fake_backward,
     public=False,
