@@ -5,8 +5,8 @@
 // Forward: one pass over each token's row (gather, the two adds, mean, variance and the affine
 // LayerNorm, fp32 accumulation for fp16/bf16) with the row in an L1-resident buffer; tokens are
 // split over the threads with at::parallel_for. A factorized table first projects all gathered
-// [N, E] rows with one GEMM (oneDNN's mkldnn::_linear_pointwise for fp32/bf16: about twice as fast
-// as at::mm's MKL on AMD CPUs; at::matmul for fp64; fp16 is projected in fp32).
+// [N, E] rows with one GEMM (the path rosita_fast/onednn_linear.h picks per dtype and size; fp16
+// is projected in fp32).
 // Backward: the LayerNorm backward per row into dx ([N, hidden], fp32), with the ln_weight /
 // ln_bias gradients summed per fixed block of rows and the block sums added in block order; then
 // the rows of dx are summed into the tables without atomics: the tokens are sorted by (id, token)
@@ -15,7 +15,6 @@
 // table gets dx @ word_proj summed the same way, and word_proj the GEMM dx^T @ word_weight[ids].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "rosita_fast/onednn_linear.h"
 #include "rosita_fast/poison.h"
 
 namespace rosita_fast {
@@ -297,37 +297,14 @@ ELN_VARIANTS(gather_sum,
               int64_t w, T* dst, A* acc),
              (src, ld, toks, count, w, dst, acc), typename T, typename S, typename A)
 
-// ---- GEMMs -------------------------------------------------------------------------------------
-using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            c10::string_view, c10::List<std::optional<at::Scalar>>,
-                            std::optional<c10::string_view>);
-
-const std::optional<c10::TypedOperatorHandle<LinearFn>>& onednn_linear() {
-  static const std::optional<c10::TypedOperatorHandle<LinearFn>> op =
-      []() -> std::optional<c10::TypedOperatorHandle<LinearFn>> {
-    try {
-      return c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-          .typed<LinearFn>();
-    } catch (const std::exception&) {
-      return std::nullopt;  // torch built without oneDNN: at::matmul below
-    }
-  }();
-  return op;
-}
-
-// x [m, k] @ w [n, k]^T -> [m, n] in x's dtype (fp32, bf16 or fp64; bf16 accumulates in fp32).
-// oneDNN takes strided (e.g. transposed) operands.
+// ---- GEMMs (paths and their measurements: rosita_fast/onednn_linear.h) ---------------------------
+// x [m, k] @ w [n, k]^T -> [m, n] in x's dtype (fp32, bf16 or fp64; bf16 accumulates in fp32):
+// oneDNN's linear where the header prefers it (it takes strided operands), else at::mm.
 at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
-  const auto dt = x.scalar_type();
-  if ((dt == at::kFloat || dt == at::kBFloat16) && x.size(0) > 0 && x.size(1) > 0 &&
-      w.size(0) > 0 && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn()) {
-    if (const auto& op = onednn_linear()) {
-      return op->call(x, w, std::nullopt, "none",
-                      c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
-    }
+  if (onednn::prefer(x.scalar_type(), x.size(0), w.size(0), x.size(1), false)) {
+    return onednn::linear_pointwise(x, w, std::nullopt);
   }
-  return at::matmul(x, w.t());
+  return at::mm(x, w.t());
 }
 
 // ---- argument handling -------------------------------------------------------------------------
@@ -732,15 +709,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // in fp32.
       const auto dx_g = low_copy ? dx_low : dx;
       const auto g = gathered.to(gdt);
-      const auto dg = linear_nt(dx_g, a.proj.to(gdt).t());
+      const auto dg = onednn::mm_nt(dx_g, a.proj.to(gdt).t());
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gdt, "embedding_layernorm_dg", [&] {
         table_grad<T, A, scalar_t>(dg.const_data_ptr<scalar_t>(), dg.stride(0), a.ids.ids,
                                    padding_idx, d_word);
       });
-      // fp32: oneDNN through linear with transposed views (MKL's sgemm is slower on AMD CPUs);
-      // bf16: at::mm runs oneDNN's strided matmul; fp64: at::mm.
       if (gdt == at::kFloat) {
-        d_proj.copy_(linear_nt(dx_g.t(), g.t()));
+        d_proj.copy_(onednn::mm_nt(dx_g.t(), g.t()));
       } else {
         at::mm_out(d_proj, dx_g.t(), g);
       }
