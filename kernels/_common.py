@@ -1,6 +1,7 @@
 """What every Triton kernel of rosita_fast shares: activation codes and math, 64-bit tile offsets,
-dot precision, the launch-spec type the lowering tests compile (and the JIT's specialisation rules
-that build it), and the (poisonable) buffer allocator."""
+masked tile loads, dot precision, the launch-spec type the lowering tests compile (and the JIT's
+specialisation rules that build it), the recorded launch (:class:`Launch`), the SM count and the
+(poisonable) buffer allocator. The dense-GEMM building blocks live in ``linear_act``."""
 
 from __future__ import annotations
 
@@ -191,3 +192,54 @@ def launch_spec(
     return LaunchSpec(
         kernel, signature, constexprs, num_warps, num_stages, attrs, label, dot_dtype
     )
+
+
+# ---- shared by the launchers ----------------------------------------------------------------
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_r, stride_c, row_mask, col_mask, UPCAST: tl.constexpr):
+    """A [len(rows), len(cols)] tile (zero outside the masks), upcast to fp32 under UPCAST."""
+    t = tl.load(
+        ptr + offsets_2d(rows, cols, stride_r, stride_c),
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the arguments by name, exactly as the JIT receives them."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: dict
+    cfg: TileConfig
+
+    def __call__(self) -> None:
+        if all(g > 0 for g in self.grid):
+            self.kernel[self.grid](
+                **self.args, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages
+            )
+
+    def spec(self, label: str, dot_dtype: str | None, specialize: bool) -> LaunchSpec:
+        return launch_spec(
+            self.kernel, self.args, num_warps=self.cfg.num_warps,
+            num_stages=self.cfg.num_stages, label=label, dot_dtype=dot_dtype,
+            specialize=specialize,
+        )
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None for other devices)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -64,11 +64,12 @@ import triton.language as tl
 from ._common import (
     DTYPES,
     TL_DTYPES,
+    Launch,
     LaunchSpec,
     TileConfig,
     dot_precision,
     empty,
-    launch_spec,
+    load_tile,
     offsets_2d,
     triton_interpreting,
 )
@@ -86,19 +87,6 @@ HEAD_TILES = (32, 64, 128)
 # ----------------------------------------------------------------------------------------------
 # Shared device code
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_tile(ptr, rows, cols, stride_r, stride_c, row_mask, col_mask, UPCAST: tl.constexpr):
-    """A [len(rows), len(cols)] tile (zero outside the masks), upcast to fp32 under UPCAST."""
-    t = tl.load(
-        ptr + offsets_2d(rows, cols, stride_r, stride_c),
-        mask=row_mask[:, None] & col_mask[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
 
 
 @triton.jit
@@ -160,7 +148,7 @@ def attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < LQ
     d_valid = offs_d < HEAD_DIM
-    q = _load_tile(
+    q = load_tile(
         q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
         m_valid, d_valid, UPCAST,
     )
@@ -176,8 +164,8 @@ def attention_fwd_kernel(
     for n0 in range(0, LK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < LK
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_valid, d_valid, UPCAST)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_valid, d_valid, UPCAST)
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_valid, d_valid, UPCAST)
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_valid, d_valid, UPCAST)
         s = _scores(
             q, k, bias_base, mask_base, offs_m, offs_n, m_valid, n_valid, qk_scale,
             stride_biasm, stride_biasn, stride_maskn, HAS_MASK, HAS_BIAS, PRECISION,
@@ -232,15 +220,15 @@ def attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < LQ
     d_valid = offs_d < HEAD_DIM
-    q = _load_tile(
+    q = load_tile(
         q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
         m_valid, d_valid, UPCAST,
     )
-    do = _load_tile(
+    do = load_tile(
         do_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod,
         m_valid, d_valid, UPCAST,
     )
-    o = _load_tile(
+    o = load_tile(
         out_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od,
         m_valid, d_valid, UPCAST,
     )
@@ -258,8 +246,8 @@ def attention_bwd_dq_kernel(
     for n0 in range(0, LK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < LK
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_valid, d_valid, UPCAST)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_valid, d_valid, UPCAST)
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_valid, d_valid, UPCAST)
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_valid, d_valid, UPCAST)
         s = _scores(
             q, k, bias_base, mask_base, offs_m, offs_n, m_valid, n_valid, qk_scale,
             stride_biasm, stride_biasn, stride_maskn, HAS_MASK, HAS_BIAS, PRECISION,
@@ -305,11 +293,11 @@ def attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < LK
     d_valid = offs_d < HEAD_DIM
-    k = _load_tile(
+    k = load_tile(
         k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd,
         n_valid, d_valid, UPCAST,
     )
-    v = _load_tile(
+    v = load_tile(
         v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd,
         n_valid, d_valid, UPCAST,
     )
@@ -325,8 +313,8 @@ def attention_bwd_dkdv_kernel(
     for m0 in range(0, LQ, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_valid = offs_m < LQ
-        q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, m_valid, d_valid, UPCAST)
-        do = _load_tile(
+        q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, m_valid, d_valid, UPCAST)
+        do = load_tile(
             do_base, offs_m, offs_d, stride_dom, stride_dod, m_valid, d_valid, UPCAST
         )
         lse2 = _lse_base2(lse_ptr + row_base + offs_m, m_valid)
@@ -442,28 +430,6 @@ def _tiles(dtype: torch.dtype, block_d: int, block: int | None) -> AttentionTile
     return AttentionTiles(force(tiles.fwd), force(tiles.dq), force(tiles.dkdv))
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """One kernel launch: the arguments by name, exactly as the JIT receives them."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict
-    cfg: TileConfig
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](
-            **self.args, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages
-        )
-
-    def spec(self, label: str, dot_dtype: str, specialize: bool) -> LaunchSpec:
-        return launch_spec(
-            self.kernel, self.args, num_warps=self.cfg.num_warps,
-            num_stages=self.cfg.num_stages, label=label, dot_dtype=dot_dtype,
-            specialize=specialize,
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # Argument dicts
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +525,7 @@ def _bhld_empty(b: int, h: int, length: int, d: int, dtype, device) -> torch.Ten
     return empty((b, length, h, d), dtype, device).transpose(1, 2)
 
 
-def _forward_launch(q, k, v, mask, bias, scale, out, lse, upcast: bool, block) -> _Launch:
+def _forward_launch(q, k, v, mask, bias, scale, out, lse, upcast: bool, block) -> Launch:
     b, h, lq, d = q.shape
     block_d = head_tile(d)
     cfg = _tiles(q.dtype, block_d, block).fwd
@@ -569,12 +535,12 @@ def _forward_launch(q, k, v, mask, bias, scale, out, lse, upcast: bool, block) -
         **_common_args(q, k, v, mask, bias, scale, upcast, block_d),
         **_strides("o", out), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
     )
-    return _Launch(attention_fwd_kernel, (m_blocks * b * h,), args, cfg)
+    return Launch(attention_fwd_kernel, (m_blocks * b * h,), args, cfg)
 
 
 def _backward_launches(
     grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad: bool, upcast: bool, block
-) -> tuple[_Launch, _Launch, dict[str, torch.Tensor | None]]:
+) -> tuple[Launch, Launch, dict[str, torch.Tensor | None]]:
     """The dq launch (first: it writes delta) and the dk/dv launch, and the buffers they write."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -597,7 +563,7 @@ def _backward_launches(
         **_strides("o", out), **_strides("do", grad), **_strides("dq", bufs["dq"]),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
     )
-    dq_launch = _Launch(attention_bwd_dq_kernel, (m_blocks * b * h,), dq_args, cfg)
+    dq_launch = Launch(attention_bwd_dq_kernel, (m_blocks * b * h,), dq_args, cfg)
 
     cfg = tiles.dkdv
     n_blocks = triton.cdiv(lk, cfg.block_n)
@@ -608,7 +574,7 @@ def _backward_launches(
         **_strides("do", grad), **_kv_strides("dk", bufs["dk"]), **_kv_strides("dv", bufs["dv"]),
         BIAS_GRAD=int(bias_needs_grad), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
     )
-    dkdv_launch = _Launch(attention_bwd_dkdv_kernel, (n_blocks * b * h,), dkdv_args, cfg)
+    dkdv_launch = Launch(attention_bwd_dkdv_kernel, (n_blocks * b * h,), dkdv_args, cfg)
     return dq_launch, dkdv_launch, bufs
 
 
@@ -713,7 +679,7 @@ def attention_backward(
 _EXAMPLE_B, _EXAMPLE_H, _EXAMPLE_L = 2, 3, 128
 
 
-def _example_launches(dtype: torch.dtype, bias_dtype: torch.dtype, block_d: int) -> list[_Launch]:
+def _example_launches(dtype: torch.dtype, bias_dtype: torch.dtype, block_d: int) -> list[Launch]:
     """The launches the launchers make on the GPU (native path, table tiles) for q/k/v taken from
     a fused ``[B, L, 3, H, D]`` QKV tensor with 16-byte aligned rows and lengths that are multiples
     of 16, a key padding mask and a full bias of ``bias_dtype`` with its gradient. (Mask and bias

@@ -51,19 +51,19 @@ import triton.language as tl
 from ._common import (
     DTYPES,
     TL_DTYPES,
+    Launch,
     LaunchSpec,
     TileConfig,
     dot_precision,
     empty,
+    load_tile,
     offsets_2d,
 )
 from .linear_act import (
     GEMM_TILES,
     GROUP_M,
-    Launch,
     check_dtype,
     gemm_tile,
-    load_tile,
     load_vector,
     tile_coords,
     upcast_operands,

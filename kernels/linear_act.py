@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -49,33 +48,22 @@ from ._common import (
     ACTIVATION_CODES,
     DTYPES,
     TL_DTYPES,
+    Launch,
     LaunchSpec,
     TileConfig,
     act_forward,
     act_grad,
     dot_precision,
     empty,
-    launch_spec,
+    load_tile,
     offsets_2d,
+    sm_count,
     triton_interpreting,
 )
 
 # ----------------------------------------------------------------------------------------------
 # Shared device code (imported by the other dense-GEMM kernel modules)
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def load_tile(ptr, rows, cols, stride_r, stride_c, row_mask, col_mask, UPCAST: tl.constexpr):
-    """A [len(rows), len(cols)] tile (zero outside the masks), upcast to fp32 under UPCAST."""
-    t = tl.load(
-        ptr + offsets_2d(rows, cols, stride_r, stride_c),
-        mask=row_mask[:, None] & col_mask[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
 
 
 @triton.jit
@@ -273,18 +261,6 @@ def forced() -> ForcedTiles | None:
     return _forced.get()
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA device (None for other devices)."""
-    if device.type != "cuda":
-        return None
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def gemm_tile(dtype: torch.dtype, m: int, n: int, device: torch.device) -> TileConfig:
     """The GEMM tile for an ``[m, n]`` output with operands of ``dtype``: the forced one, else
     the launch table's ("small" on a GPU when "large" tiles would not give every SM one)."""
@@ -311,29 +287,6 @@ def check_dtype(t: torch.Tensor, op: str) -> None:
         raise TypeError(
             f"the Triton {op} kernels support {', '.join(map(str, DTYPES))}; got {t.dtype} "
             "(use the 'cpp' or 'reference' backend for float64)"
-        )
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: the arguments by name, exactly as the JIT receives them."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict
-    cfg: TileConfig
-
-    def __call__(self) -> None:
-        if all(g > 0 for g in self.grid):
-            self.kernel[self.grid](
-                **self.args, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages
-            )
-
-    def spec(self, label: str, dot_dtype: str | None, specialize: bool) -> LaunchSpec:
-        return launch_spec(
-            self.kernel, self.args, num_warps=self.cfg.num_warps,
-            num_stages=self.cfg.num_stages, label=label, dot_dtype=dot_dtype,
-            specialize=specialize,
         )
 
 

@@ -45,23 +45,23 @@ import triton.language as tl
 from ._common import (
     DTYPES,
     TL_DTYPES,
+    Launch,
     LaunchSpec,
     TileConfig,
     dot_precision,
     empty,
     offsets_2d,
+    sm_count,
 )
 from .linear_act import (
     GEMM_TILES,
     GROUP_M,
-    Launch,
     check_dtype,
     forced,
     gemm_tile,
     linear_grads,
     load_vector,
     matmul_tile,
-    sm_count,
     tile_coords,
     upcast_operands,
 )

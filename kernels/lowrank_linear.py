@@ -34,9 +34,7 @@ compile the native path. All pointer offsets of 2-D tiles are 64-bit (:func:`off
 
 from __future__ import annotations
 
-import functools
 import itertools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -46,31 +44,20 @@ from ._common import (
     ACTIVATION_CODES,
     DTYPES,
     TL_DTYPES,
+    Launch,
     LaunchSpec,
     TileConfig,
     act_forward,
     act_grad,
     dot_precision,
     empty,
-    launch_spec,
+    load_tile,
     offsets_2d,
+    sm_count,
     triton_interpreting,
 )
 
 MAX_RANK = 256
-
-
-@triton.jit
-def _load_tile(ptr, rows, cols, stride_r, stride_c, row_mask, col_mask, UPCAST: tl.constexpr):
-    """A [len(rows), len(cols)] tile (zero outside the masks), upcast to fp32 under UPCAST."""
-    t = tl.load(
-        ptr + offsets_2d(rows, cols, stride_r, stride_c),
-        mask=row_mask[:, None] & col_mask[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
 
 
 @triton.jit
@@ -84,8 +71,8 @@ def _row_block_times_vt(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        xb = _load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_mask, k_mask, UPCAST)
-        vtb = _load_tile(v_ptr, offs_k, offs_r, stride_vk, stride_vr, k_mask, r_mask, UPCAST)
+        xb = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_mask, k_mask, UPCAST)
+        vtb = load_tile(v_ptr, offs_k, offs_r, stride_vk, stride_vr, k_mask, r_mask, UPCAST)
         h = tl.dot(xb, vtb, h, input_precision=PRECISION)
     return h
 
@@ -122,7 +109,7 @@ def lowrank_fwd_kernel(
     for n0 in range(n_begin, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
-        utb = _load_tile(u_ptr, offs_r, offs_n, stride_ur, stride_un, r_mask, n_mask, UPCAST)
+        utb = load_tile(u_ptr, offs_r, offs_n, stride_ur, stride_un, r_mask, n_mask, UPCAST)
         acc = tl.dot(h, utb, input_precision=PRECISION)
         if HAS_BIAS:
             acc += _load_bias(b_ptr, offs_n, n_mask, stride_b)[None, :]
@@ -173,7 +160,7 @@ def lowrank_bwd_dz_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
         mn_mask = m_mask[:, None] & n_mask[None, :]
-        ub = _load_tile(u_ptr, offs_n, offs_r, stride_un, stride_ur, n_mask, r_mask, UPCAST)
+        ub = load_tile(u_ptr, offs_n, offs_r, stride_un, stride_ur, n_mask, r_mask, UPCAST)
         go = tl.load(
             go_ptr + offsets_2d(offs_m, offs_n, stride_gom, stride_gon), mask=mn_mask, other=0.0
         )
@@ -228,7 +215,7 @@ def lowrank_bwd_dx_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        vb = _load_tile(v_ptr, offs_r, offs_k, stride_vr, stride_vk, r_mask, k_mask, UPCAST)
+        vb = load_tile(v_ptr, offs_r, offs_k, stride_vr, stride_vk, r_mask, k_mask, UPCAST)
         dx = tl.dot(g, vb, input_precision=PRECISION)
         tl.store(
             dx_ptr + offsets_2d(offs_m, offs_k, stride_dxm, stride_dxk),
@@ -278,33 +265,6 @@ def rank_tile(rank: int) -> int:
     )
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """One kernel launch: the arguments by name, exactly as the JIT receives them."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict
-    cfg: TileConfig
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](
-            **self.args, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages
-        )
-
-    def spec(self, label: str, dot_dtype: str, specialize: bool) -> LaunchSpec:
-        return launch_spec(
-            self.kernel, self.args, num_warps=self.cfg.num_warps,
-            num_stages=self.cfg.num_stages, label=label, dot_dtype=dot_dtype,
-            specialize=specialize,
-        )
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split(
     row_blocks: int, blocks: int, device: torch.device, override: int | None, min_blocks: int
 ) -> int:
@@ -319,7 +279,7 @@ def _split(
         return max(1, min(override, blocks))
     if device.type != "cuda":
         return 1  # the interpreter runs programs one after another: splitting only adds work
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     want = triton.cdiv(2 * sms, max(row_blocks, 1))
     return max(1, min(want, blocks // min_blocks))
 
@@ -345,7 +305,7 @@ def _check_dtype(x: torch.Tensor) -> None:
         )
 
 
-def _forward_launch(x2d, u, v, bias, out, act: int, column_split, upcast: bool) -> _Launch:
+def _forward_launch(x2d, u, v, bias, out, act: int, column_split, upcast: bool) -> Launch:
     m, k = x2d.shape
     n, r = u.shape
     block_r = rank_tile(r)
@@ -365,12 +325,12 @@ def _forward_launch(x2d, u, v, bias, out, act: int, column_split, upcast: bool) 
         UPCAST=upcast, PRECISION=dot_precision(x2d.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
     )
-    return _Launch(lowrank_fwd_kernel, (m_blocks, n_progs), args, cfg)
+    return Launch(lowrank_fwd_kernel, (m_blocks, n_progs), args, cfg)
 
 
 def _backward_launches(
     g2d, x2d, u, v, bias, act: int, column_split, k_split, upcast: bool
-) -> tuple[_Launch, _Launch, dict[str, torch.Tensor | None]]:
+) -> tuple[Launch, Launch, dict[str, torch.Tensor | None]]:
     """The two backward launches and the buffers they write (dx, h, g, dz; dz None without an
     activation)."""
     m, k = x2d.shape
@@ -404,7 +364,7 @@ def _backward_launches(
         HAS_BIAS=int(bias is not None), ACTIVATION=act, UPCAST=upcast, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
     )
-    dz_launch = _Launch(lowrank_bwd_dz_kernel, (m_blocks, n_progs), dz_args, cfg)
+    dz_launch = Launch(lowrank_bwd_dz_kernel, (m_blocks, n_progs), dz_args, cfg)
 
     dcfg = DX_CONFIGS[block_r]
     dm_blocks = triton.cdiv(m, dcfg.block_m)
@@ -419,7 +379,7 @@ def _backward_launches(
         UPCAST=upcast, PRECISION=precision,
         BLOCK_M=dcfg.block_m, BLOCK_K=dcfg.block_k, BLOCK_R=block_r,
     )
-    dx_launch = _Launch(lowrank_bwd_dx_kernel, (dm_blocks, k_progs), dx_args, dcfg)
+    dx_launch = Launch(lowrank_bwd_dx_kernel, (dm_blocks, k_progs), dx_args, dcfg)
     return dz_launch, dx_launch, bufs
 
 
@@ -503,7 +463,7 @@ def lowrank_linear_backward(
 _EXAMPLE_SIZE = 64  # M = K = N of the example launches: a multiple of 16, like BERT's sizes
 
 
-def _example_launches(dtype: torch.dtype, block_r: int) -> list[_Launch]:
+def _example_launches(dtype: torch.dtype, block_r: int) -> list[Launch]:
     """The launches the launchers make on the GPU (native path, no forced split) for contiguous,
     16-byte aligned inputs whose sizes are multiples of 16, at rank ``block_r``."""
     s = _EXAMPLE_SIZE

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,16 +64,84 @@ def assert_close(
 
 
 def rand(
-    *shape: int, dtype: torch.dtype = torch.float32, contiguous: bool = True, scale: float = 1.0
+    *shape: int, dtype: torch.dtype = torch.float32, contiguous: bool = True, scale: float = 1.0,
+    shift: float = 0.0,
 ) -> torch.Tensor:
-    """Standard-normal tensor (in fp32, then cast). Non-contiguous variants are a strided view
-    into a larger buffer (every other column), so kernels must honour strides."""
-    if contiguous or len(shape) == 0:
-        return (torch.randn(*shape) * scale).to(dtype)
-    big = torch.randn(*shape[:-1], 2 * shape[-1]) * scale
+    """``shift + scale * N(0, 1)`` (drawn in fp32, then cast). Non-contiguous variants are a strided
+    view into a larger buffer (every other column), so kernels must honour strides; a tensor of at
+    most one element has no such view and is drawn contiguous."""
+    if contiguous or len(shape) == 0 or math.prod(shape) <= 1:
+        return (torch.randn(*shape) * scale + shift).to(dtype)
+    big = torch.randn(*shape[:-1], 2 * shape[-1]) * scale + shift
     t = big.to(dtype)[..., ::2]
     assert not t.is_contiguous()
     return t
+
+
+LAYOUTS = ("contig", "strided", "transposed", "expanded")
+
+
+def make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, scale: float = 1.0,
+         shift: float = 0.0) -> torch.Tensor:
+    """A :func:`rand` tensor of ``shape`` stored ``contig``, ``strided`` (every other element of
+    the last dim), ``transposed`` (the last two dims of a contiguous tensor swapped) or
+    ``expanded`` (one row, stride 0 elsewhere)."""
+    if layout == "expanded":
+        return rand(shape[-1], dtype=dtype, scale=scale, shift=shift).expand(shape)
+    if layout in ("contig", "strided"):
+        return rand(*shape, dtype=dtype, contiguous=layout == "contig", scale=scale, shift=shift)
+    assert layout == "transposed" and len(shape) >= 2, layout
+    t = rand(*shape[:-2], shape[-1], shape[-2], dtype=dtype, scale=scale, shift=shift)
+    t = t.transpose(-1, -2)
+    assert t.shape == shape and (not t.is_contiguous() or math.prod(shape) <= 1)
+    return t
+
+
+def f64(t):
+    """``t`` in float64 if it is a floating-point tensor, else unchanged (None, ids, ints)."""
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+# ---- Triton launch specs: what the lowering tests compile must be what the launchers launch ----
+
+
+def jit_view(kernel, kwargs: dict) -> tuple:
+    """(signature, constexprs by name, attrs) that Triton's JIT derives for a launch of
+    ``kernel`` with ``kwargs``, through Triton's own binder and ``JITFunction._pack_args`` with
+    the CUDA backend (sm_90), so it can be compared with a ``LaunchSpec``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if isinstance(kernel, JITFunction):
+        jit_fn = kernel
+    else:  # the interpreter's InterpretedFunction keeps the decorator's arguments in kwargs
+        jit_fn = JITFunction(kernel.fn, **kernel.kwargs)
+    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, CUDABackend)
+    bound, specialization, _ = binder(**args)
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    _, signature, constexprs, attrs = jit_fn._pack_args(
+        backend, kwargs, bound, specialization, {}
+    )
+    names = jit_fn.arg_names
+    return signature, {names[path[0]]: value for path, value in constexprs.items()}, attrs
+
+
+def spec_matches_launch(spec, kernel, kwargs: dict) -> bool:
+    """Whether launch spec ``spec`` compiles exactly what this launch of ``kernel`` runs."""
+    signature, constexprs, attrs = jit_view(kernel, kwargs)
+    return (spec.signature == signature and spec.constexprs == constexprs
+            and spec.attrs == attrs
+            and (spec.num_warps, spec.num_stages) == (kwargs["num_warps"],
+                                                      kwargs["num_stages"]))
+
+
+def declared_constexprs(kernel) -> set[str]:
+    """The names of ``kernel``'s own ``tl.constexpr`` parameters."""
+    from triton.runtime.jit import JITFunction
+
+    return {p.name for p in JITFunction(kernel.fn).params if p.is_constexpr}
 
 
 def runnable_backends(op: str) -> list:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from kernel_harness import assert_close, rand
+from kernel_harness import assert_close, declared_constexprs, jit_view, rand
 from rosita_fast.kernels import attention as ak
 
 import rosita_fast
@@ -316,28 +316,6 @@ def test_public_op_autograd_matches_float64(dtype, bias_dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit_view(kernel, kwargs):
-    """(signature, constexprs by name, attrs) that Triton's JIT derives for a launch, through
-    Triton's own binder and JITFunction._pack_args with the CUDA backend."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    if isinstance(kernel, JITFunction):
-        jit_fn = kernel
-    else:  # the interpreter's InterpretedFunction keeps the decorator's arguments in kwargs
-        jit_fn = JITFunction(kernel.fn, **kernel.kwargs)
-    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, CUDABackend)
-    bound, specialization, _ = binder(**args)
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    _, signature, constexprs, attrs = jit_fn._pack_args(
-        backend, kwargs, bound, specialization, {}
-    )
-    names = jit_fn.arg_names
-    return signature, {names[path[0]]: value for path, value in constexprs.items()}, attrs
-
-
 KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
 
 
@@ -383,7 +361,7 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
                 bias_label = ",bias_fp32"
             for kernel, kwargs in launches:
                 spec = specs[f"{kernel.__name__}[{tl_dtype}{bias_label},D{tile},contig]"]
-                signature, constexprs, attrs = _jit_view(kernel, kwargs)
+                signature, constexprs, attrs = jit_view(kernel, kwargs)
                 assert spec.signature == signature, spec.name
                 assert spec.constexprs == constexprs, spec.name
                 assert spec.attrs == attrs, spec.name
@@ -393,13 +371,8 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
     generic = [s for s in specs.values() if s.name.endswith(",generic]")]
     assert len(generic) == len(specs) // 2
     for spec in generic:
-        assert set(spec.constexprs) == _declared_constexprs(spec.kernel), spec.name
+        assert set(spec.constexprs) == declared_constexprs(spec.kernel), spec.name
         assert all(attr == [] for attr in spec.attrs.values()), spec.name
     # every kernel, q dtype / bias dtype pair (5) and head tile (3), contig and generic
     assert len(specs) == len(KERNELS) * 5 * len(ak.HEAD_TILES) * 2
 
-
-def _declared_constexprs(kernel) -> set[str]:
-    from triton.runtime.jit import JITFunction
-
-    return {p.name for p in JITFunction(kernel.fn).params if p.is_constexpr}

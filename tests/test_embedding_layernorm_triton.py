@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from kernel_harness import assert_close
+from kernel_harness import (
+    assert_close,
+    declared_constexprs,
+    f64,
+    make,
+    spec_matches_launch,
+)
 from rosita_fast.kernels import embedding_layernorm as ek
 from rosita_fast.kernels import linear_act as la
 
@@ -35,29 +41,6 @@ pytestmark = pytest.mark.usefixtures("seed")
 BLOCK = 16  # forced GEMM tile of every launch in this file
 EPS = 1e-5
 TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, scale: float = 1.0,
-          shift: float = 0.0) -> torch.Tensor:
-    """``shift + scale * N(0, 1)`` stored ``contig``, ``strided`` (every other element of the last
-    dim), ``transposed`` (the last two dims of a contiguous tensor swapped) or ``expanded`` (one
-    row, stride 0 elsewhere)."""
-    if layout == "expanded":
-        return (torch.randn(shape[-1]) * scale + shift).to(dtype).expand(shape)
-    if layout == "strided":
-        t = (torch.randn(*shape[:-1], 2 * shape[-1]) * scale + shift).to(dtype)[..., ::2]
-    elif layout == "transposed":
-        t = (torch.randn(*shape[:-2], shape[-1], shape[-2]) * scale + shift).to(dtype)
-        t = t.transpose(-1, -2)
-    else:
-        assert layout == "contig", layout
-        t = (torch.randn(*shape) * scale + shift).to(dtype)
-    assert t.shape == shape and t.is_contiguous() == (layout == "contig"), layout
-    return t
-
-
-def _f64(t):
-    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 @dataclass(frozen=True)
@@ -122,17 +105,17 @@ def _inputs(case: Case):
         pos_ids[..., -1] = case.position_padding_idx
     tt_ids = torch.randint(0, case.token_types, (b, length)) if case.token_types else None
     width = case.rank if case.rank is not None else case.hidden
-    word = _make((case.vocab, width), case.word, dtype)
-    proj = (_make((case.hidden, case.rank), case.proj, dtype, scale=case.rank ** -0.5)
+    word = make((case.vocab, width), case.word, dtype)
+    proj = (make((case.hidden, case.rank), case.proj, dtype, scale=case.rank ** -0.5)
             if case.rank is not None else None)
-    pos_w = _make((n_pos, case.hidden), "contig", dtype)
-    tt_w = _make((case.token_types, case.hidden), "contig", dtype) if case.token_types else None
-    ln_w = _make((case.hidden,), "contig", dtype, scale=0.2, shift=1.0)
-    ln_b = _make((case.hidden,), "contig", dtype, scale=0.2)
+    pos_w = make((n_pos, case.hidden), "contig", dtype)
+    tt_w = make((case.token_types, case.hidden), "contig", dtype) if case.token_types else None
+    ln_w = make((case.hidden,), "contig", dtype, scale=0.2, shift=1.0)
+    ln_b = make((case.hidden,), "contig", dtype, scale=0.2)
     args = (ids.to(case.id_dtype), word, pos_ids.to(case.id_dtype), pos_w,
             tt_ids.to(case.id_dtype) if tt_ids is not None else None, tt_w, ln_w, ln_b, EPS,
             proj, case.padding_idx, case.position_padding_idx)
-    grad = _make((b, length, case.hidden), case.grad, dtype)
+    grad = make((b, length, case.hidden), case.grad, dtype)
     return args, grad
 
 
@@ -141,7 +124,7 @@ def test_forward_and_backward_match_float64(case: Case):
     args, grad = _inputs(case)
     (ids, word_w, pos_ids, pos_w, tt_ids, tt_w, ln_w, ln_b, eps, proj, pad, pos_pad) = args
     b, length, h = case.b, case.length, case.hidden
-    args64 = tuple(_f64(a) for a in args)
+    args64 = tuple(f64(a) for a in args)
     ref_out = reference_forward(*args64)
     ref_grads = reference_backward(grad.double(), *args64)
     with la.forced_tiles(BLOCK, rows=case.rows, programs=case.programs), poison_outputs():
@@ -213,7 +196,7 @@ def test_forced_tiles_set_the_grids(monkeypatch):
         "embedding_ln_fwd_kernel": [(10,)],
         "embedding_ln_bwd_kernel": [(3,)],
     }
-    ref = reference_backward(grad.double(), *(_f64(a) for a in args))
+    ref = reference_backward(grad.double(), *(f64(a) for a in args))
     for i, (got, want) in enumerate(zip(grads, ref, strict=True)):
         assert_close(got, want, torch.float32, f"grad {i}")
 
@@ -253,7 +236,7 @@ def test_bad_inputs_raise():
     bad[1, 2] = 10
     with pytest.raises(IndexError, match="input_ids contains 10"):
         ek.embedding_layernorm_forward(bad, *args[1:])
-    args64 = tuple(_f64(a) for a in args)
+    args64 = tuple(f64(a) for a in args)
     with pytest.raises(TypeError, match="float64"):
         ek.embedding_layernorm_forward(*args64)
     h = 4097
@@ -285,7 +268,7 @@ def test_public_op_autograd_matches_float64(dtype, rank):
     floats = (1, 3, 5, 6, 7, 9)  # word, position, token type tables, ln_weight/bias, proj
     args = tuple(a.requires_grad_() if i in floats and a is not None else a
                  for i, a in enumerate(args))
-    args64 = tuple(_f64(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
+    args64 = tuple(f64(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
     ref_out = reference_forward(*args64)
     ref = reference_backward(grad.double(), *args64)
     with rosita_fast.use_backend("triton"), la.forced_tiles(BLOCK, rows=4, programs=3), \
@@ -309,36 +292,6 @@ def test_public_op_autograd_matches_float64(dtype, rank):
 # ----------------------------------------------------------------------------------------------
 # Launch specs = what the launchers launch
 # ----------------------------------------------------------------------------------------------
-
-
-def _jit_view(kernel, kwargs):
-    """(signature, constexprs by name, attrs) that Triton's JIT derives for a launch, through
-    Triton's own binder and JITFunction._pack_args with the CUDA backend."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    if isinstance(kernel, JITFunction):
-        jit_fn = kernel
-    else:  # the interpreter's InterpretedFunction keeps the decorator's arguments in kwargs
-        jit_fn = JITFunction(kernel.fn, **kernel.kwargs)
-    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, CUDABackend)
-    bound, specialization, _ = binder(**args)
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    _, signature, constexprs, attrs = jit_fn._pack_args(
-        backend, kwargs, bound, specialization, {}
-    )
-    names = jit_fn.arg_names
-    return signature, {names[path[0]]: value for path, value in constexprs.items()}, attrs
-
-
-def _matches(spec, kernel, kwargs) -> bool:
-    signature, constexprs, attrs = _jit_view(kernel, kwargs)
-    return (spec.signature == signature and spec.constexprs == constexprs
-            and spec.attrs == attrs
-            and (spec.num_warps, spec.num_stages) == (kwargs["num_warps"],
-                                                      kwargs["num_stages"]))
 
 
 KERNELS = ("embedding_ln_fwd_kernel", "embedding_ln_bwd_kernel", "embedding_matmul_kernel")
@@ -377,16 +330,12 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
                 candidates = [s for s in specs if s.kernel is kernel
                               and s.name.split("[")[1].startswith(TL[dtype])
                               and "contig" in s.name]
-                assert any(_matches(s, kernel, kwargs) for s in candidates), kernel.__name__
+                assert any(spec_matches_launch(s, kernel, kwargs)
+                           for s in candidates), kernel.__name__
     generic = [s for s in specs if s.name.endswith(",generic]")]
     assert {s.kernel.__name__ for s in generic} == set(KERNELS)
     for spec in generic:
-        assert set(spec.constexprs) == _declared_constexprs(spec.kernel), spec.name
+        assert set(spec.constexprs) == declared_constexprs(spec.kernel), spec.name
         assert all(attr == [] for attr in spec.attrs.values()), spec.name
     assert len(specs) <= 3 * 36, "keep the lowering test's compile time in check"
 
-
-def _declared_constexprs(kernel) -> set[str]:
-    from triton.runtime.jit import JITFunction
-
-    return {p.name for p in JITFunction(kernel.fn).params if p.is_constexpr}

@@ -4,14 +4,11 @@ threads), autograd bookkeeping, opcheck, torch.compile and bad input."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_harness import DTYPES, runnable_backends, tolerance
+from kernel_harness import DTYPES, rand, runnable_backends, tolerance
 from kernel_harness import assert_close as _assert_close
-from kernel_harness import rand as _rand
 
 import rosita_fast
 from rosita_fast import ops
@@ -34,11 +31,6 @@ SHAPES = [
 ]
 # The widest layers, with fewer combinations (the float64 reference dominates their time).
 WIDE = [((3,), 1792, 768), ((67,), 129, 1792)]
-
-
-def rand(*shape, contiguous=True, **kwargs):
-    # A one-element tensor has no non-contiguous view: it is drawn contiguous.
-    return _rand(*shape, contiguous=contiguous or math.prod(shape) <= 1, **kwargs)
 
 
 def assert_close(out, ref, dtype, what, k=1, magnitude=None):

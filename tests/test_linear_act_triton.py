@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from kernel_harness import assert_close, rand
+from kernel_harness import (
+    assert_close,
+    declared_constexprs,
+    f64,
+    make,
+    rand,
+    spec_matches_launch,
+)
 from rosita_fast.kernels import linear_act as la
 
 import rosita_fast
@@ -33,26 +40,6 @@ pytestmark = [
 
 BLOCK = 16  # forced tile of every launch in this file
 TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype,
-          scale: float = 1.0) -> torch.Tensor:
-    """``contig``, ``strided`` (every other element of the last dim), ``transposed`` (the last
-    two dims of a contiguous tensor swapped) or ``expanded`` (one row, stride 0 elsewhere)."""
-    if layout == "expanded":
-        return rand(shape[-1], dtype=dtype, scale=scale).expand(shape)
-    if layout == "contig":
-        return rand(*shape, dtype=dtype, scale=scale)
-    if layout == "strided":
-        return rand(*shape, dtype=dtype, contiguous=False, scale=scale)
-    assert layout == "transposed" and len(shape) >= 2
-    t = rand(*shape[:-2], shape[-1], shape[-2], dtype=dtype, scale=scale).transpose(-1, -2)
-    assert t.shape == shape and not t.is_contiguous()
-    return t
-
-
-def _f64(t):
-    return t.double() if t is not None else None
 
 
 @dataclass(frozen=True)
@@ -98,10 +85,10 @@ CASES = [
 
 def _inputs(case: Case):
     k = case.x_shape[-1]
-    x = _make(case.x_shape, case.x, case.dtype)
-    w = _make((case.n, k), case.w, case.dtype, scale=k ** -0.5)
-    bias = _make((case.n,), case.bias, case.dtype) if case.bias is not None else None
-    grad = _make((*case.x_shape[:-1], case.n), case.grad, case.dtype)
+    x = make(case.x_shape, case.x, case.dtype)
+    w = make((case.n, k), case.w, case.dtype, scale=k ** -0.5)
+    bias = make((case.n,), case.bias, case.dtype) if case.bias is not None else None
+    grad = make((*case.x_shape[:-1], case.n), case.grad, case.dtype)
     return x, w, bias, grad
 
 
@@ -111,8 +98,8 @@ def test_forward_and_backward_match_float64(case: Case):
     for name, t in (("x", x), ("w", w), ("grad", grad)):
         assert t.is_contiguous() == (getattr(case, name) == "contig"), name
     m, k, n = x[..., 0].numel(), x.shape[-1], case.n
-    ref_out = reference_forward(x.double(), w.double(), _f64(bias), case.activation)
-    ref_grads = reference_backward(grad.double(), x.double(), w.double(), _f64(bias),
+    ref_out = reference_forward(x.double(), w.double(), f64(bias), case.activation)
+    ref_grads = reference_backward(grad.double(), x.double(), w.double(), f64(bias),
                                    case.activation)
     with la.forced_tiles(BLOCK), poison_outputs():
         out = la.linear_act_forward(x, w, bias, case.activation, upcast=case.upcast)
@@ -267,36 +254,6 @@ def test_public_op_ignores_packed_weight_and_raises_for_float64():
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit_view(kernel, kwargs):
-    """(signature, constexprs by name, attrs) that Triton's JIT derives for a launch, through
-    Triton's own binder and JITFunction._pack_args with the CUDA backend."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    if isinstance(kernel, JITFunction):
-        jit_fn = kernel
-    else:  # the interpreter's InterpretedFunction keeps the decorator's arguments in kwargs
-        jit_fn = JITFunction(kernel.fn, **kernel.kwargs)
-    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, CUDABackend)
-    bound, specialization, _ = binder(**args)
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    _, signature, constexprs, attrs = jit_fn._pack_args(
-        backend, kwargs, bound, specialization, {}
-    )
-    names = jit_fn.arg_names
-    return signature, {names[path[0]]: value for path, value in constexprs.items()}, attrs
-
-
-def _matches(spec, kernel, kwargs) -> bool:
-    signature, constexprs, attrs = _jit_view(kernel, kwargs)
-    return (spec.signature == signature and spec.constexprs == constexprs
-            and spec.attrs == attrs
-            and (spec.num_warps, spec.num_stages) == (kwargs["num_warps"],
-                                                      kwargs["num_stages"]))
-
-
 KERNELS = ("linear_act_fwd_kernel", "linear_act_dz_kernel", "matmul_kernel")
 
 
@@ -332,16 +289,12 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
                 candidates = [s for s in specs if s.kernel is kernel
                               and s.name.split("[")[1].startswith(TL[dtype])
                               and "contig" in s.name]
-                assert any(_matches(s, kernel, kwargs) for s in candidates), kernel.__name__
+                assert any(spec_matches_launch(s, kernel, kwargs)
+                           for s in candidates), kernel.__name__
     generic = [s for s in specs if s.name.endswith(",generic]")]
     assert {s.kernel.__name__ for s in generic} == set(KERNELS)
     for spec in generic:
-        assert set(spec.constexprs) == _declared_constexprs(spec.kernel), spec.name
+        assert set(spec.constexprs) == declared_constexprs(spec.kernel), spec.name
         assert all(attr == [] for attr in spec.attrs.values()), spec.name
     assert len(specs) <= 3 * 36, "keep the lowering test's compile time in check"
 
-
-def _declared_constexprs(kernel) -> set[str]:
-    from triton.runtime.jit import JITFunction
-
-    return {p.name for p in JITFunction(kernel.fn).params if p.is_constexpr}

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from kernel_harness import assert_close, rand
+from kernel_harness import (
+    assert_close,
+    declared_constexprs,
+    f64,
+    make,
+    rand,
+    spec_matches_launch,
+)
 from rosita_fast.kernels import linear_act as la
 from rosita_fast.kernels import linear_residual_layernorm as lk
 
@@ -33,29 +40,6 @@ pytestmark = pytest.mark.usefixtures("seed")
 BLOCK = 16  # forced GEMM tile of every launch in this file
 EPS = 1e-5
 TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype, scale: float = 1.0,
-          shift: float = 0.0) -> torch.Tensor:
-    """``shift + scale * N(0, 1)`` stored ``contig``, ``strided`` (every other element of the last
-    dim), ``transposed`` (the last two dims of a contiguous tensor swapped) or ``expanded`` (one
-    row, stride 0 elsewhere)."""
-    if layout == "expanded":
-        return (torch.randn(shape[-1]) * scale + shift).to(dtype).expand(shape)
-    if layout == "strided":
-        t = (torch.randn(*shape[:-1], 2 * shape[-1]) * scale + shift).to(dtype)[..., ::2]
-    elif layout == "transposed":
-        t = (torch.randn(*shape[:-2], shape[-1], shape[-2]) * scale + shift).to(dtype)
-        t = t.transpose(-1, -2)
-    else:
-        assert layout == "contig", layout
-        t = (torch.randn(*shape) * scale + shift).to(dtype)
-    assert t.shape == shape and t.is_contiguous() == (layout == "contig"), layout
-    return t
-
-
-def _f64(t):
-    return t.double() if t is not None else None
 
 
 @dataclass(frozen=True)
@@ -101,13 +85,13 @@ CASES = [
 def _inputs(case: Case):
     k, n = case.x_shape[-1], case.n
     lead = case.x_shape[:-1]
-    x = _make(case.x_shape, case.x, case.dtype)
-    w = _make((n, k), case.w, case.dtype, scale=k ** -0.5)
-    bias = _make((n,), case.bias, case.dtype) if case.bias is not None else None
-    residual = _make((*lead, n), case.residual, case.dtype)
-    ln_w = _make((n,), case.ln, case.dtype, scale=0.2, shift=1.0)
-    ln_b = _make((n,), case.ln, case.dtype, scale=0.2)
-    grad = _make((*lead, n), case.grad, case.dtype)
+    x = make(case.x_shape, case.x, case.dtype)
+    w = make((n, k), case.w, case.dtype, scale=k ** -0.5)
+    bias = make((n,), case.bias, case.dtype) if case.bias is not None else None
+    residual = make((*lead, n), case.residual, case.dtype)
+    ln_w = make((n,), case.ln, case.dtype, scale=0.2, shift=1.0)
+    ln_b = make((n,), case.ln, case.dtype, scale=0.2)
+    grad = make((*lead, n), case.grad, case.dtype)
     return x, w, bias, residual, ln_w, ln_b, grad
 
 
@@ -115,7 +99,7 @@ def _inputs(case: Case):
 def test_forward_and_backward_match_float64(case: Case):
     x, w, bias, residual, ln_w, ln_b, grad = _inputs(case)
     m, k, n = x[..., 0].numel(), x.shape[-1], case.n
-    args64 = (x.double(), w.double(), _f64(bias), residual.double(), ln_w.double(),
+    args64 = (x.double(), w.double(), f64(bias), residual.double(), ln_w.double(),
               ln_b.double(), EPS)
     ref_out = reference_forward(*args64)
     ref_grads = reference_backward(grad.double(), *args64)
@@ -276,7 +260,7 @@ def test_public_op_autograd_matches_float64(dtype, with_bias):
     ln_b = rand(37, dtype=dtype, scale=0.2).requires_grad_()
     grad = rand(3, 11, 37, dtype=dtype)
     leaves = (x, w, bias, res, ln_w, ln_b)
-    args64 = (*(_f64(t.detach()) if t is not None else None for t in leaves), EPS)
+    args64 = (*(f64(t.detach()) if t is not None else None for t in leaves), EPS)
     ref_out = reference_forward(*args64)
     ref = reference_backward(grad.double(), *args64)
     with rosita_fast.use_backend("triton"), la.forced_tiles(BLOCK, rows=4, programs=3), \
@@ -315,36 +299,6 @@ def test_public_op_ignores_packed_weight_and_raises_for_float64():
 # ----------------------------------------------------------------------------------------------
 # Launch specs = what the launchers launch
 # ----------------------------------------------------------------------------------------------
-
-
-def _jit_view(kernel, kwargs):
-    """(signature, constexprs by name, attrs) that Triton's JIT derives for a launch, through
-    Triton's own binder and JITFunction._pack_args with the CUDA backend."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    if isinstance(kernel, JITFunction):
-        jit_fn = kernel
-    else:  # the interpreter's InterpretedFunction keeps the decorator's arguments in kwargs
-        jit_fn = JITFunction(kernel.fn, **kernel.kwargs)
-    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, CUDABackend)
-    bound, specialization, _ = binder(**args)
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    _, signature, constexprs, attrs = jit_fn._pack_args(
-        backend, kwargs, bound, specialization, {}
-    )
-    names = jit_fn.arg_names
-    return signature, {names[path[0]]: value for path, value in constexprs.items()}, attrs
-
-
-def _matches(spec, kernel, kwargs) -> bool:
-    signature, constexprs, attrs = _jit_view(kernel, kwargs)
-    return (spec.signature == signature and spec.constexprs == constexprs
-            and spec.attrs == attrs
-            and (spec.num_warps, spec.num_stages) == (kwargs["num_warps"],
-                                                      kwargs["num_stages"]))
 
 
 KERNELS = ("linear_residual_kernel", "layernorm_fwd_kernel", "layernorm_bwd_kernel")
@@ -387,16 +341,12 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
                 candidates = [s for s in specs if s.kernel is kernel
                               and s.name.split("[")[1].startswith(TL[dtype])
                               and "contig" in s.name]
-                assert any(_matches(s, kernel, kwargs) for s in candidates), kernel.__name__
+                assert any(spec_matches_launch(s, kernel, kwargs)
+                           for s in candidates), kernel.__name__
     generic = [s for s in own if s.name.endswith(",generic]")]
     assert {s.kernel.__name__ for s in generic} == set(KERNELS)
     for spec in generic:
-        assert set(spec.constexprs) == _declared_constexprs(spec.kernel), spec.name
+        assert set(spec.constexprs) == declared_constexprs(spec.kernel), spec.name
         assert all(attr == [] for attr in spec.attrs.values()), spec.name
     assert len(own) <= 3 * 36, "keep the lowering test's compile time in check"
 
-
-def _declared_constexprs(kernel) -> set[str]:
-    from triton.runtime.jit import JITFunction
-
-    return {p.name for p in JITFunction(kernel.fn).params if p.is_constexpr}

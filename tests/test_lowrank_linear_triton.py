@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from kernel_harness import assert_close, rand
+from kernel_harness import assert_close, declared_constexprs, jit_view, make, rand
 from rosita_fast.kernels import lowrank_linear as lk
 from rosita_fast.kernels.lowrank_linear import (
     lowrank_linear_backward,
@@ -38,19 +38,6 @@ pytestmark = [
 # ----------------------------------------------------------------------------------------------
 # Inputs and the float64 reference
 # ----------------------------------------------------------------------------------------------
-
-
-def _make(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> torch.Tensor:
-    """A random tensor of ``shape`` stored ``contig``, ``strided`` (every other element of the
-    last dim) or ``transposed`` (2-D: the transpose of a contiguous ``shape[::-1]`` tensor)."""
-    if layout == "contig":
-        return rand(*shape, dtype=dtype)
-    if layout == "strided":
-        return rand(*shape, dtype=dtype, contiguous=False)
-    assert layout == "transposed" and len(shape) == 2
-    t = rand(*shape[::-1], dtype=dtype).t()
-    assert t.shape == shape and not t.is_contiguous()
-    return t
 
 
 def _reference(grad, x, u, v, bias, activation):
@@ -127,11 +114,11 @@ CASES = [
 
 def _inputs(case: Case):
     k = case.x_shape[-1]
-    x = _make(case.x_shape, case.x, case.dtype)
-    u = _make((case.n, case.rank), case.u, case.dtype)
-    v = _make((case.rank, k), case.v, case.dtype)
-    bias = _make((case.n,), case.bias, case.dtype) if case.bias is not None else None
-    grad = _make((*case.x_shape[:-1], case.n), case.grad, case.dtype)
+    x = make(case.x_shape, case.x, case.dtype)
+    u = make((case.n, case.rank), case.u, case.dtype)
+    v = make((case.rank, k), case.v, case.dtype)
+    bias = make((case.n,), case.bias, case.dtype) if case.bias is not None else None
+    grad = make((*case.x_shape[:-1], case.n), case.grad, case.dtype)
     return x, u, v, bias, grad
 
 
@@ -266,28 +253,6 @@ def test_tile_offsets_are_64_bit(row0, col0, stride_r, stride_c):
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit_view(kernel, kwargs):
-    """(signature, constexprs by name, attrs) that Triton's JIT derives for a launch, through
-    Triton's own binder and JITFunction._pack_args with the CUDA backend."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    if isinstance(kernel, JITFunction):
-        jit_fn = kernel
-    else:  # the interpreter's InterpretedFunction keeps the decorator's arguments in kwargs
-        jit_fn = JITFunction(kernel.fn, **kernel.kwargs)
-    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, CUDABackend)
-    bound, specialization, _ = binder(**args)
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    _, signature, constexprs, attrs = jit_fn._pack_args(
-        backend, kwargs, bound, specialization, {}
-    )
-    names = jit_fn.arg_names
-    return signature, {names[path[0]]: value for path, value in constexprs.items()}, attrs
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
     """For contiguous, aligned inputs with sizes divisible by 16 (any batch shape, any rank that
@@ -317,7 +282,7 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
             assert len(launches) == 3
             for kernel, kwargs in launches:
                 spec = specs[f"{kernel.__name__}[{tl_dtype},R{tile},contig]"]
-                signature, constexprs, attrs = _jit_view(kernel, kwargs)
+                signature, constexprs, attrs = jit_view(kernel, kwargs)
                 assert spec.signature == signature, spec.name
                 assert spec.constexprs == constexprs, spec.name
                 assert spec.attrs == attrs, spec.name
@@ -328,11 +293,6 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
     assert len(generic) == len(specs) // 2
     for spec in generic:
         # Only the kernel's own constexpr parameters are constants; no divisibility assumed.
-        assert set(spec.constexprs) == _declared_constexprs(spec.kernel), spec.name
+        assert set(spec.constexprs) == declared_constexprs(spec.kernel), spec.name
         assert all(attr == [] for attr in spec.attrs.values()), spec.name
 
-
-def _declared_constexprs(kernel) -> set[str]:
-    from triton.runtime.jit import JITFunction
-
-    return {p.name for p in JITFunction(kernel.fn).params if p.is_constexpr}

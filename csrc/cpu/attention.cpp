@@ -39,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "rosita_fast/cpu_isa.h"
 #include "rosita_fast/epilogue.h"
 #include "rosita_fast/poison.h"
 
@@ -49,13 +50,6 @@ constexpr int64_t kBlockM = 64;  // query rows per block
 constexpr int64_t kBlockN = 64;  // keys per block
 constexpr int64_t kMinHead = 8, kMaxHead = 128;
 
-#define ATT_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ATT_X86 1
-#define ATT_AVX2 __attribute__((target("avx2,fma")))
-#define ATT_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
-#endif
 
 // ---- vector types and the ISA variants ----------------------------------------------------------
 
@@ -81,7 +75,7 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // c[r, :] (+)= sum_k a[r, k] * b[k, :] for R rows and C vectors of columns, accumulators in
 // registers. Row-major operands with leading dimensions lda, ldb, ldc (in elements).
 template <typename T, int Bytes, int R, int C>
-ATT_INLINE void micro_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c,
+ROSITA_ALWAYS_INLINE void micro_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c,
                              int64_t ldc, bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int W = Bytes / static_cast<int>(sizeof(T));
@@ -109,7 +103,7 @@ ATT_INLINE void micro_kernel(const T* a, int64_t lda, const T* b, int64_t ldb, i
 }
 
 template <typename T, class Isa, int R>
-ATT_INLINE void gemm_rows(int64_t vectors, int64_t depth, const T* a, int64_t lda, const T* b,
+ROSITA_ALWAYS_INLINE void gemm_rows(int64_t vectors, int64_t depth, const T* a, int64_t lda, const T* b,
                           int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int C = Isa::kCols;
@@ -133,7 +127,7 @@ ATT_INLINE void gemm_rows(int64_t vectors, int64_t depth, const T* a, int64_t ld
 
 // c[m x n] (+)= a[m x depth] * b[depth x n], row-major; n a multiple of kPad<T>.
 template <typename T, class Isa>
-ATT_INLINE void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t lda, const T* b,
+ROSITA_ALWAYS_INLINE void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t lda, const T* b,
                      int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   static_assert(Isa::kRows == 4, "the row tail below assumes 4-row tiles");
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
@@ -161,17 +155,17 @@ ATT_INLINE void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t ld
 
 // exp(x), exactly 0 for x = -inf (and below the float range), NaN for NaN. The float form is
 // epilogue.h's vectorizable polynomial, whose clamp would otherwise turn -inf into exp(-87).
-ATT_INLINE float exp_or_zero(float x) {
+ROSITA_ALWAYS_INLINE float exp_or_zero(float x) {
   const float e = fast_expf(x);
   return x < -87.0f ? 0.0f : (x != x ? x : e);
 }
-ATT_INLINE double exp_or_zero(double x) { return std::exp(x); }
+ROSITA_ALWAYS_INLINE double exp_or_zero(double x) { return std::exp(x); }
 
 template <typename acc_t> constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
 // dst[0, n) = mul * src[0, stride, 2 stride, ...], converted to the accumulation type.
 template <typename acc_t, typename src_t>
-ATT_INLINE void load_row(acc_t* dst, const src_t* src, int64_t n, int64_t stride, acc_t mul) {
+ROSITA_ALWAYS_INLINE void load_row(acc_t* dst, const src_t* src, int64_t n, int64_t stride, acc_t mul) {
   if (stride == 1) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * mul;
   } else {
@@ -180,7 +174,7 @@ ATT_INLINE void load_row(acc_t* dst, const src_t* src, int64_t n, int64_t stride
 }
 
 template <typename acc_t, typename src_t>
-ATT_INLINE void add_row(acc_t* dst, const src_t* src, int64_t n, int64_t stride) {
+ROSITA_ALWAYS_INLINE void add_row(acc_t* dst, const src_t* src, int64_t n, int64_t stride) {
   if (stride == 1) {
     for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<acc_t>(src[i]);
   } else {
@@ -188,7 +182,7 @@ ATT_INLINE void add_row(acc_t* dst, const src_t* src, int64_t n, int64_t stride)
   }
 }
 
-template <typename acc_t> ATT_INLINE void zero(acc_t* dst, int64_t n) {
+template <typename acc_t> ROSITA_ALWAYS_INLINE void zero(acc_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = acc_t(0);
 }
 
@@ -200,7 +194,7 @@ struct Tile {
 };
 
 template <typename acc_t, typename src_t>
-ATT_INLINE void load_rows(acc_t* dst, int64_t ld, const src_t* src, int64_t row_stride,
+ROSITA_ALWAYS_INLINE void load_rows(acc_t* dst, int64_t ld, const src_t* src, int64_t row_stride,
                           int64_t col_stride, const Tile& t, acc_t mul) {
   for (int64_t r = 0; r < t.rows; ++r) {
     load_row(dst + r * ld, src + r * row_stride, t.D, col_stride, mul);
@@ -210,7 +204,7 @@ ATT_INLINE void load_rows(acc_t* dst, int64_t ld, const src_t* src, int64_t row_
 }
 
 template <typename acc_t, typename src_t>
-ATT_INLINE void load_transposed(acc_t* dst, int64_t ld, acc_t* row_buf, const src_t* src,
+ROSITA_ALWAYS_INLINE void load_transposed(acc_t* dst, int64_t ld, acc_t* row_buf, const src_t* src,
                                 int64_t row_stride, int64_t col_stride, const Tile& t, acc_t mul) {
   for (int64_t r = 0; r < t.rows; ++r) {
     load_row(row_buf, src + r * row_stride, t.D, col_stride, mul);
@@ -253,7 +247,7 @@ template <typename scalar_t> struct Args {
 
   bool has_bias() const { return bias.ptr != nullptr || bias_f32.ptr != nullptr; }
   // row[0, n) += bias[b, h, i, j0 + 0..n) (or, transposed, bias[b, h, i0 + 0..n, j])
-  ATT_INLINE void add_bias(acc_t* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j,
+  ROSITA_ALWAYS_INLINE void add_bias(acc_t* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j,
                            bool along_queries) const {
     if (bias_f32.ptr != nullptr) {
       const float* p = bias_f32.at(b, h, i) + j * bias_f32.s3;
@@ -269,7 +263,7 @@ template <typename scalar_t> struct Args {
 // ---- forward ------------------------------------------------------------------------------------
 
 template <typename scalar_t, class Isa>
-ATT_INLINE void forward_items(const Args<scalar_t>& a, int64_t t0, int64_t t1) {
+ROSITA_ALWAYS_INLINE void forward_items(const Args<scalar_t>& a, int64_t t0, int64_t t1) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int64_t BM = kBlockM, BN = kBlockN, P = kPad<acc_t>;
   const int64_t D = a.D, Dp = round_up(D, P), nqb = (a.Lq + BM - 1) / BM;
@@ -358,7 +352,7 @@ ATT_INLINE void forward_items(const Args<scalar_t>& a, int64_t t0, int64_t t1) {
 
 // delta[r] = sum_d dO[r, d] O[r, d] for the rows of a query block; dO is already in scratch.
 template <typename scalar_t, typename acc_t>
-ATT_INLINE void block_delta(const Args<scalar_t>& a, int64_t b, int64_t h, int64_t i0,
+ROSITA_ALWAYS_INLINE void block_delta(const Args<scalar_t>& a, int64_t b, int64_t h, int64_t i0,
                             int64_t rows, const acc_t* dor, int64_t ld, acc_t* row_buf,
                             acc_t* delta) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -382,7 +376,7 @@ int64_t dkv_scratch(int64_t Dp) {
 // Pass 1, one item per (batch, head, query block): dQ = scale dS K and, when asked, the full-shape
 // bias gradient dS.
 template <typename scalar_t, class Isa>
-ATT_INLINE void backward_dq_item(const Args<scalar_t>& a, typename AccType<scalar_t>::type* buf,
+ROSITA_ALWAYS_INLINE void backward_dq_item(const Args<scalar_t>& a, typename AccType<scalar_t>::type* buf,
                                  int64_t t) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int64_t BM = kBlockM, BN = kBlockN, P = kPad<acc_t>;
@@ -453,7 +447,7 @@ ATT_INLINE void backward_dq_item(const Args<scalar_t>& a, typename AccType<scala
 // Pass 2, one item per (batch, head, key block): dV = P^T dO and dK = scale dS^T Q, computed as
 // [keys, queries] blocks (S^T = k (scale q)^T) so that the accumulators stay the item's own.
 template <typename scalar_t, class Isa>
-ATT_INLINE void backward_dkv_item(const Args<scalar_t>& a, typename AccType<scalar_t>::type* buf,
+ROSITA_ALWAYS_INLINE void backward_dkv_item(const Args<scalar_t>& a, typename AccType<scalar_t>::type* buf,
                                   int64_t t) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int64_t BM = kBlockM, BN = kBlockN, P = kPad<acc_t>;
@@ -536,7 +530,7 @@ ATT_INLINE void backward_dkv_item(const Args<scalar_t>& a, typename AccType<scal
 
 // Both passes as one range of items: dQ and dK/dV items alternate while both kinds last.
 template <typename scalar_t, class Isa>
-ATT_INLINE void backward_items(const Args<scalar_t>& a, int64_t t0, int64_t t1) {
+ROSITA_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, int64_t t0, int64_t t1) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t Dp = round_up(a.D, kPad<acc_t>);
   const int64_t q_items = a.B * a.H * ((a.Lq + kBlockM - 1) / kBlockM);
@@ -563,35 +557,20 @@ ATT_INLINE void backward_items(const Args<scalar_t>& a, int64_t t0, int64_t t1) 
 
 // ---- ISA variants and dispatch ------------------------------------------------------------------
 
-enum class IsaLevel : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-IsaLevel best_isa() {
-#ifdef ATT_X86
-  static const IsaLevel best = [] {
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    return avx512 ? IsaLevel::kAvx512 : avx2 ? IsaLevel::kAvx2 : IsaLevel::kBaseline;
-  }();
-  return best;
-#else
-  return IsaLevel::kBaseline;
-#endif
-}
+// (The kernels' template parameter `Isa` is a vector-type policy; this enum names the variants.)
+using IsaLevel = rosita_fast::Isa;
 
 // The best variant this CPU runs, capped by ROSITA_FAST_ATTENTION_ISA (read per call: a test hook).
 IsaLevel call_isa() {
-  const IsaLevel best = best_isa();
+  const IsaLevel best = cpu_isa();
   const char* env = std::getenv("ROSITA_FAST_ATTENTION_ISA");
   if (env == nullptr || *env == '\0') return best;
   const std::string want(env);
-  IsaLevel cap = IsaLevel::kAvx512;
+  IsaLevel cap = IsaLevel::Avx512;
   if (want == "baseline") {
-    cap = IsaLevel::kBaseline;
+    cap = IsaLevel::Base;
   } else if (want == "avx2") {
-    cap = IsaLevel::kAvx2;
+    cap = IsaLevel::Avx2;
   } else {
     TORCH_CHECK(want == "avx512",
                 "ROSITA_FAST_ATTENTION_ISA must be baseline, avx2 or avx512, got '", want, "'");
@@ -601,24 +580,24 @@ IsaLevel call_isa() {
 
 template <typename scalar_t> using ItemsFn = void (*)(const Args<scalar_t>&, int64_t, int64_t);
 
-#ifdef ATT_X86
+#ifdef ROSITA_X86_DISPATCH
 #define ATT_VARIANTS(NAME)                                                                     \
   template <typename scalar_t>                                                                 \
   void NAME##_baseline(const Args<scalar_t>& a, int64_t t0, int64_t t1) {                      \
     NAME<scalar_t, Baseline>(a, t0, t1);                                                       \
   }                                                                                            \
   template <typename scalar_t>                                                                 \
-  ATT_AVX2 void NAME##_avx2(const Args<scalar_t>& a, int64_t t0, int64_t t1) {                 \
+  ROSITA_AVX2 void NAME##_avx2(const Args<scalar_t>& a, int64_t t0, int64_t t1) {                 \
     NAME<scalar_t, Avx2>(a, t0, t1);                                                           \
   }                                                                                            \
   template <typename scalar_t>                                                                 \
-  ATT_AVX512 void NAME##_avx512(const Args<scalar_t>& a, int64_t t0, int64_t t1) {             \
+  ROSITA_AVX512 void NAME##_avx512(const Args<scalar_t>& a, int64_t t0, int64_t t1) {             \
     NAME<scalar_t, Avx512>(a, t0, t1);                                                         \
   }                                                                                            \
   template <typename scalar_t> ItemsFn<scalar_t> NAME##_for(IsaLevel isa) {                    \
     switch (isa) {                                                                             \
-      case IsaLevel::kAvx512: return &NAME##_avx512<scalar_t>;                                 \
-      case IsaLevel::kAvx2: return &NAME##_avx2<scalar_t>;                                     \
+      case IsaLevel::Avx512: return &NAME##_avx512<scalar_t>;                                 \
+      case IsaLevel::Avx2: return &NAME##_avx2<scalar_t>;                                     \
       default: return &NAME##_baseline<scalar_t>;                                              \
     }                                                                                          \
   }

@@ -26,19 +26,14 @@
 #include <utility>
 #include <vector>
 
+#include "rosita_fast/cpu_isa.h"
 #include "rosita_fast/onednn_linear.h"
 #include "rosita_fast/poison.h"
 
 namespace rosita_fast {
 namespace {
 
-#define ELN_INLINE inline __attribute__((always_inline))
-// The row loops are compiled twice, for the baseline ISA and for AVX2+FMA+F16C, and the variant is
-// picked per call from the running CPU (as in lowrank_linear.cpp).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ELN_X86 1
-#define ELN_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+// The row loops are compiled twice, for the baseline ISA and for AVX2+FMA+F16C (cpu_isa.h).
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -57,26 +52,26 @@ constexpr int64_t kMaxFusedTokenTypes = 8;
 constexpr int kLanes = 16;
 
 // ---- element conversions: branch-free, so the loops over a row vectorize -----------------------
-ELN_INLINE float load(const float* p, int64_t j) { return p[j]; }
-ELN_INLINE double load(const double* p, int64_t j) { return p[j]; }
-ELN_INLINE float load(const c10::BFloat16* p, int64_t j) {
+ROSITA_ALWAYS_INLINE float load(const float* p, int64_t j) { return p[j]; }
+ROSITA_ALWAYS_INLINE double load(const double* p, int64_t j) { return p[j]; }
+ROSITA_ALWAYS_INLINE float load(const c10::BFloat16* p, int64_t j) {
   const uint32_t bits = reinterpret_cast<const uint16_t*>(p)[j];
   return __builtin_bit_cast(float, bits << 16);
 }
-ELN_INLINE float load(const c10::Half* p, int64_t j) { return static_cast<float>(p[j]); }
+ROSITA_ALWAYS_INLINE float load(const c10::Half* p, int64_t j) { return static_cast<float>(p[j]); }
 
-ELN_INLINE void store(float* p, int64_t j, float v) { p[j] = v; }
-ELN_INLINE void store(double* p, int64_t j, double v) { p[j] = v; }
+ROSITA_ALWAYS_INLINE void store(float* p, int64_t j, float v) { p[j] = v; }
+ROSITA_ALWAYS_INLINE void store(double* p, int64_t j, double v) { p[j] = v; }
 // Round to nearest even; NaN stays a (quiet) NaN. The same rounding as c10::BFloat16(float).
-ELN_INLINE void store(c10::BFloat16* p, int64_t j, float v) {
+ROSITA_ALWAYS_INLINE void store(c10::BFloat16* p, int64_t j, float v) {
   const uint32_t u = __builtin_bit_cast(uint32_t, v);
   const uint16_t r = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   reinterpret_cast<uint16_t*>(p)[j] = v != v ? static_cast<uint16_t>(0x7FC0) : r;
 }
-ELN_INLINE void store(c10::Half* p, int64_t j, float v) { p[j] = c10::Half(v); }
+ROSITA_ALWAYS_INLINE void store(c10::Half* p, int64_t j, float v) { p[j] = c10::Half(v); }
 
 // ---- row reductions ----------------------------------------------------------------------------
-template <typename A> ELN_INLINE A fold(A* acc) {
+template <typename A> ROSITA_ALWAYS_INLINE A fold(A* acc) {
   for (int w = kLanes / 2; w > 0; w /= 2) {
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   }
@@ -84,7 +79,7 @@ template <typename A> ELN_INLINE A fold(A* acc) {
 }
 
 // sum_j x[j]
-template <typename A> ELN_INLINE A row_sum(const A* x, int64_t n) {
+template <typename A> ROSITA_ALWAYS_INLINE A row_sum(const A* x, int64_t n) {
   A acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -95,7 +90,7 @@ template <typename A> ELN_INLINE A row_sum(const A* x, int64_t n) {
 }
 
 // sum_j (x[j] - c)^2
-template <typename A> ELN_INLINE A row_sq_dev(const A* x, A c, int64_t n) {
+template <typename A> ROSITA_ALWAYS_INLINE A row_sq_dev(const A* x, A c, int64_t n) {
   A acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -112,7 +107,7 @@ template <typename A> ELN_INLINE A row_sq_dev(const A* x, A c, int64_t n) {
 }
 
 // (sum_j a[j], sum_j a[j] * b[j])
-template <typename A> ELN_INLINE std::pair<A, A> row_sum2(const A* a, const A* b, int64_t n) {
+template <typename A> ROSITA_ALWAYS_INLINE std::pair<A, A> row_sum2(const A* a, const A* b, int64_t n) {
   A s[kLanes] = {}, p[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -145,7 +140,7 @@ template <typename T, typename W, typename A> struct Rows {
   int64_t hidden;
 
   // buf <- (word + token_type) + position of token i, in A (HF's order of the additions).
-  ELN_INLINE void sum(int64_t i, A* buf) const {
+  ROSITA_ALWAYS_INLINE void sum(int64_t i, A* buf) const {
     const W* w = word + (word_by_id ? ids[i] : i) * word_ld;
     const T* p = pos + pos_ids[i] * pos_ld;
     const int64_t n = hidden;
@@ -158,13 +153,13 @@ template <typename T, typename W, typename A> struct Rows {
   }
 };
 
-template <typename A> ELN_INLINE A rstd_of(A sq_dev_sum, A inv_h, A eps) {
+template <typename A> ROSITA_ALWAYS_INLINE A rstd_of(A sq_dev_sum, A inv_h, A eps) {
   return A(1) / std::sqrt(sq_dev_sum * inv_h + eps);
 }
 
 // Forward of tokens [begin, end): out rows (and, if mean != nullptr, the statistics).
 template <typename T, typename W, typename A>
-ELN_INLINE void forward_rows_impl(const Rows<T, W, A>& r, const A* gamma, const A* beta, A eps,
+ROSITA_ALWAYS_INLINE void forward_rows_impl(const Rows<T, W, A>& r, const A* gamma, const A* beta, A eps,
                                   T* out, A* mean, A* rstd, int64_t begin, int64_t end, A* buf) {
   const int64_t n = r.hidden;
   const A inv_h = A(1) / A(n);
@@ -187,7 +182,7 @@ ELN_INLINE void forward_rows_impl(const Rows<T, W, A>& r, const A* gamma, const 
 // gathered, the factorized word table's rows of the tokens are copied there ([N, rank]). Without
 // saved statistics they are recomputed.
 template <typename T, typename W, typename A>
-ELN_INLINE void backward_rows_impl(const Rows<T, W, A>& r, const T* grad, const A* gamma, A eps,
+ROSITA_ALWAYS_INLINE void backward_rows_impl(const Rows<T, W, A>& r, const T* grad, const A* gamma, A eps,
                                    const A* mean, const A* rstd, A* dx, T* dx_low, A* pg, A* pb,
                                    A* ptt, int64_t tt_rows, const T* table, int64_t table_ld,
                                    int64_t rank, T* gathered, int64_t begin, int64_t end, A* buf,
@@ -242,7 +237,7 @@ ELN_INLINE void backward_rows_impl(const Rows<T, W, A>& r, const T* grad, const 
 // One task of the table gradients: dst[0:w] = sum over the listed tokens of their src rows (the
 // caller offsets src to the task's first column), added in token order.
 template <typename T, typename S, typename A>
-ELN_INLINE void gather_sum_impl(const S* src, int64_t ld, const std::pair<int64_t, int64_t>* toks,
+ROSITA_ALWAYS_INLINE void gather_sum_impl(const S* src, int64_t ld, const std::pair<int64_t, int64_t>* toks,
                                 int64_t count, int64_t w, T* dst, A* acc) {
   const S* s = src + toks[0].second * ld;
   for (int64_t j = 0; j < w; ++j) acc[j] = A(load(s, j));
@@ -253,14 +248,6 @@ ELN_INLINE void gather_sum_impl(const S* src, int64_t ld, const std::pair<int64_
   for (int64_t j = 0; j < w; ++j) store(dst, j, acc[j]);
 }
 
-#ifdef ELN_X86
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
-#endif
-
 // The ISA variants of the three row loops and their dispatchers.
 #define ELN_VARIANTS(NAME, PARAMS, ARGS, ...)                            \
   template <__VA_ARGS__> void NAME##_base PARAMS { NAME##_impl ARGS; }  \
@@ -269,11 +256,11 @@ bool cpu_has_avx2() {
     ELN_AVX2_CALL(NAME, ARGS)                                            \
     NAME##_base ARGS;                                                    \
   }
-#ifdef ELN_X86
+#ifdef ROSITA_X86_DISPATCH
 #define ELN_AVX2_VARIANT(NAME, PARAMS, ARGS, ...) \
-  template <__VA_ARGS__> ELN_AVX2 void NAME##_avx2 PARAMS { NAME##_impl ARGS; }
+  template <__VA_ARGS__> ROSITA_AVX2 void NAME##_avx2 PARAMS { NAME##_impl ARGS; }
 #define ELN_AVX2_CALL(NAME, ARGS) \
-  if (cpu_has_avx2()) return NAME##_avx2 ARGS;
+  if (cpu_isa() != Isa::Base) return NAME##_avx2 ARGS;
 #else
 #define ELN_AVX2_VARIANT(NAME, PARAMS, ARGS, ...)
 #define ELN_AVX2_CALL(NAME, ARGS)

@@ -18,6 +18,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "rosita_fast/cpu_isa.h"
 #include "rosita_fast/epilogue.h"
 #include "rosita_fast/onednn_linear.h"
 #include "rosita_fast/poison.h"
@@ -27,32 +28,6 @@ namespace {
 
 // Smallest amount of elementwise work (elements) worth a thread of its own.
 constexpr int64_t kMinTaskElems = 1 << 14;
-
-// Each row pass is compiled for the baseline ISA, AVX2+FMA and AVX-512 and picked per call from
-// the running CPU (__builtin_cpu_supports; GCC's target_clones "arch=" variants test the CPU model,
-// not its features, and miss AMD parts). AVX-512 halves the GELU passes' time next to AVX2 here.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ROSITA_X86_DISPATCH 1
-#define ROSITA_AVX2 __attribute__((target("avx2,fma")))
-#define ROSITA_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
-#endif
-#define ROSITA_ALWAYS_INLINE inline __attribute__((always_inline))
-
-#ifdef ROSITA_X86_DISPATCH
-enum class Isa { Base, Avx2, Avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::Avx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-    return Isa::Base;
-  }();
-  return isa;
-}
-#endif
 
 template <typename T> using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "rosita_fast/cpu_isa.h"
 #include "rosita_fast/onednn_linear.h"
 #include "rosita_fast/poison.h"
 
@@ -39,32 +40,6 @@ constexpr int64_t kMinTaskElems = 1 << 14;
 // Independent partial sums per row reduction: enough lanes for the compiler to vectorize it
 // without reassociating (two AVX-512 / four AVX2 registers of fp32).
 constexpr int kLanes = 16;
-
-// Each row pass is compiled for the baseline ISA, AVX2+FMA and AVX-512 and picked per call from
-// the running CPU (__builtin_cpu_supports; GCC's target_clones "arch=" variants test the CPU model,
-// not its features, and miss AMD parts).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ROSITA_X86_DISPATCH 1
-#define ROSITA_AVX2 __attribute__((target("avx2,fma")))
-#define ROSITA_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
-#endif
-#define ROSITA_ALWAYS_INLINE inline __attribute__((always_inline))
-
-#ifdef ROSITA_X86_DISPATCH
-enum class Isa { Base, Avx2, Avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::Avx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-    return Isa::Base;
-  }();
-  return isa;
-}
-#endif
 
 template <typename T> using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 

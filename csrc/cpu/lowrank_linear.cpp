@@ -11,6 +11,7 @@
 
 #include <algorithm>
 
+#include "rosita_fast/cpu_isa.h"
 #include "rosita_fast/epilogue.h"
 #include "rosita_fast/poison.h"
 
@@ -65,14 +66,8 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
 
 // ---- epilogues ---------------------------------------------------------------------------------
 // The activation is a template parameter so each row loop is a straight-line body the compiler
-// vectorizes; the float entry points are compiled twice, for the baseline ISA and for AVX2+FMA, and
-// the variant is picked per call from the running CPU (__builtin_cpu_supports; GCC's target_clones
-// "arch=" variants test the CPU model, not its features, and miss AMD parts).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ROSITA_X86_DISPATCH 1
-#define ROSITA_AVX2 __attribute__((target("avx2,fma")))
-#endif
-#define ROSITA_ALWAYS_INLINE inline __attribute__((always_inline))
+// vectorizes; the float entry points are compiled twice, for the baseline ISA and for AVX2+FMA
+// (cpu_isa.h).
 
 template <Activation A, typename T>
 ROSITA_ALWAYS_INLINE void bias_act_rows(T* z, const T* bias, int64_t rows, int64_t cols,
@@ -146,24 +141,19 @@ ROSITA_AVX2 void act_grad_f32_avx2(float* z, const float* grad, const float* bia
                                    int64_t cols, Activation a) {
   act_grad_dispatch<float>(z, grad, bias, rows, cols, a);
 }
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 // z[i * ld + j] <- act(z[i * ld + j] + bias[j]) for a rows x cols block.
 void bias_act(float* z, const float* bias, int64_t rows, int64_t cols, int64_t ld, Activation a) {
 #ifdef ROSITA_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return bias_act_f32_avx2(z, bias, rows, cols, ld, a);
+  if (cpu_isa() != Isa::Base) return bias_act_f32_avx2(z, bias, rows, cols, ld, a);
 #endif
   bias_act_f32_base(z, bias, rows, cols, ld, a);
 }
 void act_grad(float* z, const float* grad, const float* bias, int64_t rows, int64_t cols,
               Activation a) {
 #ifdef ROSITA_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return act_grad_f32_avx2(z, grad, bias, rows, cols, a);
+  if (cpu_isa() != Isa::Base) return act_grad_f32_avx2(z, grad, bias, rows, cols, a);
 #endif
   act_grad_f32_base(z, grad, bias, rows, cols, a);
 }
