@@ -113,9 +113,10 @@ class OpSpec:
     """What a benchmark file declares about its op.
 
     ``make_inputs(case, device, dtype)`` returns the positional arguments of both ``fused`` and
-    ``eager``; its floating-point tensors are the differentiable inputs. ``fused`` and ``eager``
-    must compute the same function; ``eager`` is also what ``torch.compile`` compiles and, run in
-    float64, the reference of the correctness check.
+    ``eager``; its floating-point tensors are the differentiable inputs, or those at the positions
+    ``grad_inputs`` lists (e.g. a loss's student logits, not the teacher's). ``fused`` and
+    ``eager`` must compute the same function; ``eager`` is also what ``torch.compile`` compiles
+    and, run in float64, the reference of the correctness check.
     """
 
     name: str
@@ -124,6 +125,7 @@ class OpSpec:
     make_inputs: Callable[[Case, str, torch.dtype], tuple]
     description: str
     backends: dict[str, str] = field(default_factory=lambda: {"cpu": "cpp", "cuda": "triton"})
+    grad_inputs: tuple[int, ...] | None = None
 
 
 def parametrize(cases: Sequence[Case]):
@@ -179,10 +181,14 @@ def measure(benchmark, spec: OpSpec, device: str, dtype: str, case: Case, mode: 
     torch_dtype = DTYPES[dtype]
     torch.manual_seed(0)
     args = list(spec.make_inputs(case, device, torch_dtype))
-    diff = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    floating = [i for i, a in enumerate(args)
+                if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    diff = list(spec.grad_inputs) if spec.grad_inputs is not None else floating
     training = mode != "fwd"
 
-    ref, grad_out = _reference(spec, args, diff, training, (device, dtype, case.id, mode))
+    ref, grad_out = _reference(spec, args, floating, diff, training,
+                               (device, dtype, case.id, mode),
+                               _REFERENCE_DTYPES[case.params.get("reference_dtype", "fp64")])
     if training:
         for i in diff:
             args[i].requires_grad_(True)
@@ -226,23 +232,27 @@ def _compiled_graphs() -> int:
 
 
 _REFERENCE: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+_REFERENCE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 
 
-def _reference(spec: OpSpec, args: list, diff: list[int], training: bool, row: tuple):
-    """Eager in float64 on the same values: the output and, when training, the input gradients
+def _reference(spec: OpSpec, args: list, floating: list[int], diff: list[int], training: bool,
+               row: tuple, ref_dtype: torch.dtype = torch.float64):
+    """Eager in float64 (or the case's ``reference_dtype``: for shapes whose float64 copies would
+    not fit in memory) on the same values: the output and, when training, the input gradients
     for a random output gradient (returned too, in the benchmark dtype). The three impls of a row
     run one after the other and share it; only the latest row is kept."""
     key = (spec.name, *row)
     if key not in _REFERENCE:
         _REFERENCE.clear()
-        ref_args = [a.detach().double().requires_grad_(training) if i in diff else a
-                    for i, a in enumerate(args)]
+        ref_args = [a.detach().to(ref_dtype).requires_grad_(training and i in diff)
+                    if i in floating else a for i, a in enumerate(args)]
         with torch.set_grad_enabled(training):
             ref_out = spec.eager(*ref_args)
         grad_out = torch.randn(ref_out.shape, device=ref_out.device, dtype=args[diff[0]].dtype)
         ref = [ref_out.detach()]
         if training:
-            ref += torch.autograd.grad(ref_out, [ref_args[i] for i in diff], grad_out.double())
+            ref += torch.autograd.grad(ref_out, [ref_args[i] for i in diff],
+                                       grad_out.to(ref_dtype))
         _REFERENCE[key] = (ref, grad_out)
     return _REFERENCE[key]
 

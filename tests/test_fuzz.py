@@ -463,6 +463,47 @@ def _check_lrln(case) -> None:
         _compare(out, ref, dtype, max(k_in, 1), f"{backend} packed forward", mag)
 
 
+# ---- kd_logits_loss ---------------------------------------------------------------------------
+
+
+@st.composite
+def _kd_logits_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    backend = draw(st.sampled_from(_backends("kd_logits_loss", dtype)))
+    lead = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=2)))
+    classes = draw(st.one_of(st.integers(1, 40), st.integers(500, 1100)))
+    scale = draw(st.sampled_from([1.0, 8.0]))
+    s = _tensor(draw, (*lead, classes), dtype, scale=scale)
+    t = _tensor(draw, (*lead, classes), dtype, scale=scale)
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.tensor(draw(st.lists(st.booleans(), min_size=s[..., 0].numel(),
+                                          max_size=s[..., 0].numel())),
+                            dtype=torch.bool).reshape(lead)
+    temperature = draw(st.sampled_from([1.0, 0.5, 3.0]))
+    kind = draw(st.sampled_from(["kl", "soft_ce"]))
+    reduction = draw(st.sampled_from(["none", "sum", "mean", "batchmean"]))
+    return backend, dtype, s, t, temperature, kind, reduction, mask
+
+
+def _check_kd_logits(case) -> None:
+    backend, dtype, s, t, temperature, kind, reduction, mask = case
+    s = s.detach().requires_grad_(True)
+    with rosita_fast.use_backend(backend):
+        out = ops.kd_logits_loss(s, t, temperature, kind, reduction, mask)
+        g_out = torch.randn(out.shape, dtype=out.dtype)
+        (grad,) = torch.autograd.grad(out, s, g_out)
+    s64 = s.detach().double().requires_grad_(True)
+    with rosita_fast.use_backend("reference"):
+        ref = ops.kd_logits_loss(s64, t.double(), temperature, kind, reduction, mask)
+        (ref_grad,) = torch.autograd.grad(ref, s64, g_out.double())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # The losses accumulate in fp32 from exactly converted inputs; the gradient is rounded to the
+    # logits' dtype.
+    _compare(out, ref, acc, max(s.shape[-1], 1), f"{backend} loss")
+    _compare(grad, ref_grad, dtype, max(s.shape[-1], 1), f"{backend} grad")
+
+
 @dataclass(frozen=True)
 class FuzzEntry:
     cases: Callable[[], st.SearchStrategy]
@@ -474,6 +515,7 @@ class FuzzEntry:
 FUZZ: dict[str, FuzzEntry] = {
     "attention": FuzzEntry(_attention_cases, _check_attention, max_examples=60),
     "embedding_layernorm": FuzzEntry(_embedding_cases, _check_embedding, max_examples=60),
+    "kd_logits_loss": FuzzEntry(_kd_logits_cases, _check_kd_logits, max_examples=60),
     "linear_act": FuzzEntry(_linear_act_cases, _check_linear_act, max_examples=60),
     "linear_residual_layernorm": FuzzEntry(_lrln_cases, _check_lrln, max_examples=60),
     "lowrank_linear": FuzzEntry(_lowrank_cases, _check_lowrank, max_examples=60),
