@@ -310,7 +310,7 @@ def _write_tables() -> None:
         lines += [f"## Inference: `{name}` student, fp32", "",
                   "| threads | batch | seq | fast | HF eager | torch.compile | ONNX Runtime | "
                   "fast vs eager | fast vs compile | fast vs ORT | teacher (HF eager) | "
-                  "teacher / fast |", "|" + "---:|" * 13]
+                  "teacher / fast |", "|" + "---:|" * 12]
         for t in THREADS:
             for b in BATCHES:
                 for s in SEQS:

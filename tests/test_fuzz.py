@@ -504,6 +504,52 @@ def _check_kd_logits(case) -> None:
     _compare(grad, ref_grad, dtype, max(s.shape[-1], 1), f"{backend} grad")
 
 
+# ---- hidden_mse_loss --------------------------------------------------------------------------
+
+
+@st.composite
+def _hidden_mse_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    backend = draw(st.sampled_from(_backends("hidden_mse_loss", dtype)))
+    b, t = draw(st.integers(0, 4)), draw(st.integers(0, 40))
+    h = draw(st.one_of(st.integers(1, 40), st.integers(300, 800)))
+    n_student, n_teacher = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    student = [_tensor(draw, (b, t, h), dtype) for _ in range(n_student)]
+    teacher = [_tensor(draw, (b, t, h), dtype) for _ in range(n_teacher)]
+    mapping = draw(st.lists(st.integers(0, n_teacher - 1), min_size=n_student,
+                            max_size=n_student))
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.tensor(draw(st.lists(st.booleans(), min_size=b * t, max_size=b * t)),
+                            dtype=torch.bool).reshape(b, t)
+    return backend, dtype, student, teacher, mapping, mask
+
+
+def _check_hidden_mse(case) -> None:
+    backend, dtype, student, teacher, mapping, mask = case
+    student = [s.detach().requires_grad_(True) for s in student]
+    with rosita_fast.use_backend(backend):
+        out = ops.hidden_mse_loss(student, teacher, mapping, mask, per_pair=True)
+        g_out = torch.rand(out.shape, dtype=out.dtype) + 0.5
+        grads = torch.autograd.grad(out, student, g_out)
+    s64 = [s.detach().double().requires_grad_(True) for s in student]
+    with rosita_fast.use_backend("reference"):
+        ref = ops.hidden_mse_loss(s64, [x.double() for x in teacher], mapping, mask,
+                                  per_pair=True)
+        ref_grads = torch.autograd.grad(ref, s64, g_out.double())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    k = max(student[0].numel(), 1)
+    if ref.abs().max() > 0:
+        _compare(out, ref, acc, k, f"{backend} terms")
+    else:
+        assert torch.all(out == 0)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads, strict=True)):
+        if rg.numel() and rg.abs().max() > 0:
+            _compare(g, rg, dtype, 1, f"{backend} grad {i}")
+        else:
+            assert torch.all(g == 0)
+
+
 @dataclass(frozen=True)
 class FuzzEntry:
     cases: Callable[[], st.SearchStrategy]
@@ -515,6 +561,7 @@ class FuzzEntry:
 FUZZ: dict[str, FuzzEntry] = {
     "attention": FuzzEntry(_attention_cases, _check_attention, max_examples=60),
     "embedding_layernorm": FuzzEntry(_embedding_cases, _check_embedding, max_examples=60),
+    "hidden_mse_loss": FuzzEntry(_hidden_mse_cases, _check_hidden_mse, max_examples=60),
     "kd_logits_loss": FuzzEntry(_kd_logits_cases, _check_kd_logits, max_examples=60),
     "linear_act": FuzzEntry(_linear_act_cases, _check_linear_act, max_examples=60),
     "linear_residual_layernorm": FuzzEntry(_lrln_cases, _check_lrln, max_examples=60),

@@ -23,9 +23,12 @@ from .layer_map import resolve_layer_map
 
 @dataclass(frozen=True)
 class LossFunctions:
-    """The per-term functions :class:`KDLoss` calls; a fused-kernel backend supplies its own.
+    """The per-term functions :class:`KDLoss` calls.
 
     Each has the signature of its namesake in :mod:`rosita_fast.distill.losses`.
+    ``hidden_mse_pairs(student_states, teacher_states, mask)``, if set, computes every mapped
+    pair's hidden-state term at once (a ``[pairs]`` tensor) and is used instead of one
+    ``hidden_mse`` call per pair.
     """
 
     soft_cross_entropy: Callable[..., torch.Tensor] = losses.soft_cross_entropy
@@ -34,9 +37,51 @@ class LossFunctions:
     hidden_mse: Callable[..., torch.Tensor] = losses.hidden_mse
     attention_mse: Callable[..., torch.Tensor] = losses.attention_mse
     gold_label_loss: Callable[..., torch.Tensor] = losses.gold_label_loss
+    hidden_mse_pairs: Callable[..., torch.Tensor] | None = None
 
 
+#: The plain-PyTorch losses of :mod:`rosita_fast.distill.losses`, one call per term and pair.
 REFERENCE_FUNCTIONS = LossFunctions()
+
+
+def _fused_soft_cross_entropy(student_logits, teacher_logits, temperature=1.0, *,
+                              mean_over_classes=False, scale_by_t2=False):
+    from rosita_fast.ops import kd_logits_loss
+
+    loss = kd_logits_loss(student_logits, teacher_logits, temperature, "soft_ce", "mean",
+                          scale_by_t2=scale_by_t2)
+    return loss / student_logits.shape[-1] if mean_over_classes else loss
+
+
+def _fused_kl_divergence(student_logits, teacher_logits, temperature=1.0, *, scale_by_t2=False):
+    from rosita_fast.ops import kd_logits_loss
+
+    return kd_logits_loss(student_logits, teacher_logits, temperature, "kl", "mean",
+                          scale_by_t2=scale_by_t2)
+
+
+def _fused_hidden_mse(student_hidden, teacher_hidden, attention_mask=None):
+    from rosita_fast.ops import hidden_mse_loss
+
+    return hidden_mse_loss([student_hidden], [teacher_hidden], mask=attention_mask)
+
+
+def _fused_hidden_mse_pairs(student_states, teacher_states, attention_mask=None):
+    from rosita_fast.ops import hidden_mse_loss
+
+    return hidden_mse_loss(student_states, teacher_states, mask=attention_mask, per_pair=True)
+
+
+#: The fused ops (``rosita_fast.ops.kd_logits_loss``, ``hidden_mse_loss``: one pass per row of
+#: logits, one launch for all hidden-state pairs) with the same values as the reference losses;
+#: the default of :class:`KDLoss`. ``rosita_fast.use_backend("reference")`` runs the ops' own
+#: plain-PyTorch ground truth.
+FUSED_FUNCTIONS = LossFunctions(
+    soft_cross_entropy=_fused_soft_cross_entropy,
+    kl_divergence=_fused_kl_divergence,
+    hidden_mse=_fused_hidden_mse,
+    hidden_mse_pairs=_fused_hidden_mse_pairs,
+)
 
 
 @dataclass
@@ -77,7 +122,8 @@ class KDLoss:
 
     Args:
         config: the terms and options; default: prediction distillation only.
-        functions: per-term implementations (default: the plain-PyTorch reference).
+        functions: per-term implementations (default: :data:`FUSED_FUNCTIONS`, the fused ops;
+            :data:`REFERENCE_FUNCTIONS` for the plain-PyTorch losses).
         average_counts: for data-parallel training, a collective that maps this process's token
             counts (a 1-D float64 tensor) to their element-wise mean over the processes whose
             gradients are averaged, e.g. an ``all_reduce`` divided by the world size. Each
@@ -97,7 +143,7 @@ class KDLoss:
         average_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.config = config or KDConfig()
-        self.fn = functions or REFERENCE_FUNCTIONS
+        self.fn = functions or FUSED_FUNCTIONS
         self.average_counts = average_counts
         # Resolved per (teacher, student) depth: the student's depth changes during depth pruning.
         self._maps: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -246,13 +292,20 @@ class KDLoss:
             raise ValueError(f"student hidden size {hs[0].shape[-1]} != teacher hidden size "
                              f"{ht[0].shape[-1]}; hidden-state distillation needs equal widths")
         token_mask = None if self.config.hidden_include_padding else mask
+        pairs = self.layer_pairs(len(ht) - 1, len(hs) - 1)
+        if not pairs:
+            return None, None
+        if self.fn.hidden_mse_pairs is not None:  # every pair in one call
+            values = self.fn.hidden_mse_pairs([hs[i] for i, _ in pairs],
+                                              [ht[j] for _, j in pairs], token_mask)
+        else:
+            values = [self.fn.hidden_mse(hs[i], ht[j], token_mask) for i, j in pairs]
         embedding = hidden = None
-        for s_idx, t_idx in self.layer_pairs(len(ht) - 1, len(hs) - 1):
-            value = self.fn.hidden_mse(hs[s_idx], ht[t_idx], token_mask)
+        for k, (s_idx, _) in enumerate(pairs):
             if s_idx == 0:
-                embedding = value
+                embedding = values[k]
             else:
-                hidden = value if hidden is None else hidden + value
+                hidden = values[k] if hidden is None else hidden + values[k]
         return embedding, hidden
 
     def _attention(self, student: Any, teacher: Any, mask: torch.Tensor | None) -> torch.Tensor:

@@ -112,7 +112,10 @@ class KernelOp:
         """Run the op on the selected backend, below autograd (no graph is recorded)."""
         # The common call (nothing forced, CPU tensors) costs two attribute reads here: at batch 1
         # an op's whole kernel takes a few microseconds.
-        if args[0].is_cpu and forced_backend() is None:
+        first = args[0]
+        if not isinstance(first, torch.Tensor):  # a Tensor[] first argument (hidden_mse_loss)
+            first = first[0]
+        if first.is_cpu and forced_backend() is None:
             backend = self._defaults.get("cpu") or self.backend_for(args)
         else:
             backend = self.backend_for(args)
@@ -142,6 +145,8 @@ def _device_of(args: Sequence) -> torch.device:
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
     raise TypeError("an op needs at least one tensor argument")
 
 
@@ -161,7 +166,8 @@ def define_op(
     (whether a backend can run in this install is ``rosita_fast.available_backends``' business).
     ``route(backend, args)`` may send a call on a GPU that the default backend cannot serve to
     another one (a documented per-op rule; it must leave a backend forced with ``use_backend``
-    alone; CPU calls are not routed). The first argument of every op is a tensor.
+    alone; CPU calls are not routed). The first argument of every op is a tensor or a non-empty
+    list of tensors.
     ``public`` ops are listed in ``rosita_fast.ops.OPS``; backward ops are declared with
     ``public=False``.
     """
