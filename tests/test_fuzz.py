@@ -550,6 +550,61 @@ def _check_hidden_mse(case) -> None:
             assert torch.all(g == 0)
 
 
+# ---- fused_linear_kd_loss ---------------------------------------------------------------------
+
+
+@st.composite
+def _fused_linear_kd_cases(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    backend = draw(st.sampled_from(_backends("fused_linear_kd_loss", dtype)))
+    n, hs, ht = draw(st.integers(0, 30)), draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    v = draw(st.integers(1, 300))
+    bias = draw(st.booleans())
+    args = [_tensor(draw, (n, hs), dtype), _tensor(draw, (v, hs), dtype, scale=hs**-0.5),
+            _tensor(draw, (n, ht), dtype), _tensor(draw, (v, ht), dtype, scale=ht**-0.5),
+            _tensor(draw, (v,), dtype) if bias else None,
+            _tensor(draw, (v,), dtype) if bias else None]
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)),
+                            dtype=torch.bool)
+    reduction = draw(st.sampled_from(["none", "sum", "mean", "batchmean"]))
+    kind = draw(st.sampled_from(["kl", "soft_ce"]))
+    chunk = draw(st.sampled_from([1 << 23, 3 * v]))  # one chunk, or 3 tokens a chunk
+    return backend, dtype, args, mask, reduction, kind, chunk
+
+
+def _check_fused_linear_kd(case) -> None:
+    import sys
+
+    backend, dtype, args, mask, reduction, kind, chunk = case
+    module = sys.modules["rosita_fast.ops.fused_linear_kd_loss"]
+    student = [0, 1, 4] if args[4] is not None else [0, 1]
+    args = [a.detach().requires_grad_(i in student) if a is not None else None
+            for i, a in enumerate(args)]
+    saved, module.CHUNK_ELEMENTS = module.CHUNK_ELEMENTS, chunk
+    try:
+        with rosita_fast.use_backend(backend):
+            out = ops.fused_linear_kd_loss(*args, 1.5, kind, reduction, mask)
+            g_out = torch.randn(out.shape, dtype=out.dtype)
+            grads = torch.autograd.grad(out, [args[i] for i in student], g_out)
+    finally:
+        module.CHUNK_ELEMENTS = saved
+    a64 = [a.detach().double().requires_grad_(i in student) if a is not None else None
+           for i, a in enumerate(args)]
+    with rosita_fast.use_backend("reference"):
+        ref = ops.fused_linear_kd_loss(*a64, 1.5, kind, reduction, mask)
+        ref_grads = torch.autograd.grad(ref, [a64[i] for i in student], g_out.double())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    k = max(args[1].shape[1], args[3].shape[1], 1)
+    # fp16/bf16: the logits are rounded to the dtype by the GEMMs, then go through exp
+    low = dtype not in (torch.float32, torch.float64)
+    _compare(out.to(dtype) if low else out, ref, dtype if low else acc, k * 8,
+             f"{backend} loss")
+    for i, g, rg in zip(student, grads, ref_grads, strict=True):
+        _compare(g, rg, dtype, k * 8, f"{backend} grad {i}")
+
+
 @dataclass(frozen=True)
 class FuzzEntry:
     cases: Callable[[], st.SearchStrategy]
@@ -561,6 +616,8 @@ class FuzzEntry:
 FUZZ: dict[str, FuzzEntry] = {
     "attention": FuzzEntry(_attention_cases, _check_attention, max_examples=60),
     "embedding_layernorm": FuzzEntry(_embedding_cases, _check_embedding, max_examples=60),
+    "fused_linear_kd_loss": FuzzEntry(_fused_linear_kd_cases, _check_fused_linear_kd,
+                                      max_examples=40),
     "hidden_mse_loss": FuzzEntry(_hidden_mse_cases, _check_hidden_mse, max_examples=60),
     "kd_logits_loss": FuzzEntry(_kd_logits_cases, _check_kd_logits, max_examples=60),
     "linear_act": FuzzEntry(_linear_act_cases, _check_linear_act, max_examples=60),

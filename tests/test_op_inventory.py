@@ -36,14 +36,19 @@ def test_op_has_reference_test_benchmark_and_fuzz_entry(op):
 @pytest.mark.parametrize("op", PUBLIC)
 def test_op_backends_have_their_sources(op):
     backends = ops.OPS[op]
+    # An op built from another op's kernels (a chunk loop around them) names that op.
+    src = getattr(importlib.import_module(f"rosita_fast.ops.{op}"), "KERNELS_FROM", op)
+    if src != op:
+        assert src in ops.OPS and set(backends) <= set(ops.OPS[src]), (
+            f"{op}: its backends {backends} must be those of {src}, whose kernels it runs")
     if "triton" in backends:
-        module = importlib.import_module(f"rosita_fast.kernels.{op}")
+        module = importlib.import_module(f"rosita_fast.kernels.{src}")
         specs = module.launch_specs()
-        assert specs, f"{op}: kernels/{op}.py declares no launch specs (nothing is lowered)"
+        assert specs, f"{op}: kernels/{src}.py declares no launch specs (nothing is lowered)"
     if "cpp" in backends:
-        assert (ROOT / "csrc" / "cpu" / f"{op}.cpp").exists(), f"{op}: no csrc/cpu/{op}.cpp"
+        assert (ROOT / "csrc" / "cpu" / f"{src}.cpp").exists(), f"{op}: no csrc/cpu/{src}.cpp"
     if "cuda" in backends:
-        assert (ROOT / "csrc" / "cuda" / f"{op}.cu").exists(), f"{op}: no csrc/cuda/{op}.cu"
+        assert (ROOT / "csrc" / "cuda" / f"{src}.cu").exists(), f"{op}: no csrc/cuda/{src}.cu"
 
 
 def test_activation_codes_agree_with_epilogue_header():

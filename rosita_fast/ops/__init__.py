@@ -9,8 +9,8 @@ fakes, dispatch by backend, the no-grad fast path). Backends: ``reference`` (pla
 
 Public entry points (stable): :func:`lowrank_linear`, :func:`attention`, :func:`linear_act`,
 :func:`linear_residual_layernorm` (and :func:`pack_linear_weight`, the prepacked weight the last
-two take), :func:`embedding_layernorm`, :func:`kd_logits_loss`, :func:`hidden_mse_loss`. :data:`OPS`
-lists every public op and its backends.
+two take), :func:`embedding_layernorm`, :func:`kd_logits_loss`, :func:`fused_linear_kd_loss`,
+:func:`hidden_mse_loss`. :data:`OPS` lists every public op and its backends.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rosita_fast._extension import HAS_CPP, warn_cpp_fallback
 from rosita_fast.ops._registry import REGISTRY, public_ops
 from rosita_fast.ops.attention import attention
 from rosita_fast.ops.embedding_layernorm import embedding_layernorm
+from rosita_fast.ops.fused_linear_kd_loss import fused_linear_kd_loss
 from rosita_fast.ops.hidden_mse_loss import hidden_mse_loss
 from rosita_fast.ops.kd_logits_loss import kd_logits_loss
 from rosita_fast.ops.linear_act import linear_act, pack_linear_weight
@@ -34,6 +35,7 @@ __all__ = [
     "REGISTRY",
     "attention",
     "embedding_layernorm",
+    "fused_linear_kd_loss",
     "hidden_mse_loss",
     "kd_logits_loss",
     "linear_act",

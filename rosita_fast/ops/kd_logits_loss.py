@@ -211,6 +211,18 @@ _FWD.register_autograd(_backward_plain, _setup_context_plain)
 # ---- public entry point -------------------------------------------------------------------------
 
 
+def check_options(temperature, kind: str, reduction: str, op: str) -> None:
+    """Raise for a temperature, kind or reduction the KD loss ops do not take."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            0 < temperature < float("inf")):
+        raise ValueError(f"{op}: temperature must be a positive finite number, got "
+                         f"{temperature!r}")
+    if kind not in KINDS:
+        raise ValueError(f"{op}: kind must be one of {KINDS}, got {kind!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def _check(student, teacher, temperature, kind, reduction, mask) -> None:
     for name, t in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(t, torch.Tensor):
@@ -233,15 +245,7 @@ def _check(student, teacher, temperature, kind, reduction, mask) -> None:
                          f"student_logits is on {student.device}")
     if student.shape[-1] == 0:
         raise ValueError("kd_logits_loss: logits have no classes (last dimension 0)")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            0 < temperature < float("inf")):
-        raise ValueError(f"kd_logits_loss: temperature must be a positive finite number, got "
-                         f"{temperature!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kd_logits_loss: kind must be one of {KINDS}, got {kind!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"kd_logits_loss: reduction must be one of {REDUCTIONS}, got "
-                         f"{reduction!r}")
+    check_options(temperature, kind, reduction, "kd_logits_loss")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"kd_logits_loss: mask must be a torch.Tensor or None, got "
