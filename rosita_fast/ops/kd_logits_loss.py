@@ -10,7 +10,8 @@ mask drops, contributes nothing (loss and gradient 0, never NaN).
 
 Everything about the op lives here: the plain-PyTorch ground truth, the input checks, the fakes,
 the backend tables (reference, C++ ``csrc/cpu/kd_logits_loss.cpp``, Triton
-``kernels/kd_logits_loss.py``) and the autograd formula.
+``kernels/kd_logits_loss.py``, CUDA ``csrc/cuda/kd_logits_loss.cu``: the GPU default for fp64,
+which the Triton kernel does not take) and the autograd formula.
 The kernels return the per-row losses; the reduction is a sum over them here. The training
 forward also writes the row gradients ``d l_i / d student`` (``[rows, classes]`` in the
 student's dtype), so nothing of size ``rows x classes`` but that gradient is kept for the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from rosita_fast.backends import forced_backend
 from rosita_fast.ops._registry import define_op, lazy, native
 
 __all__ = ["KINDS", "REDUCTIONS", "kd_logits_loss", "reference_backward", "reference_forward"]
@@ -142,6 +144,21 @@ def _encode(student, teacher, temperature, kind, mask=None):
 
 _SCHEMA_ARGS = "Tensor student, Tensor teacher, float temperature, str kind, Tensor? mask=None"
 
+
+def _route(backend: str, args: tuple) -> str:
+    # Documented per-case default: the Triton kernel takes no fp64; such calls on a GPU go to the
+    # CUDA C++ kernel.
+    if backend != "triton" or forced_backend() is not None or args[0].dtype != torch.float64:
+        return backend
+    from rosita_fast._extension import HAS_CUDA_EXT
+
+    if not HAS_CUDA_EXT:
+        raise RuntimeError("kd_logits_loss: float64 logits on a GPU need the CUDA C++ kernel and "
+                           "rosita_fast._C_cuda is not built; use "
+                           "rosita_fast.use_backend('reference')")
+    return "cuda"
+
+
 _FWD = define_op(
     "kd_logits_loss",
     f"({_SCHEMA_ARGS}) -> Tensor",
@@ -149,8 +166,10 @@ _FWD = define_op(
         "reference": reference_forward,
         "cpp": native("kd_logits_loss_cpp", _encode),
         "triton": lazy("rosita_fast.kernels.kd_logits_loss", "kd_logits_loss_forward"),
+        "cuda": native("kd_logits_loss_cuda", _encode),
     },
     _fake_forward,
+    route=_route,
 )
 
 # The training forward: the per-row losses and their student gradients ([rows, classes], the
@@ -162,8 +181,10 @@ _TRAIN = define_op(
         "reference": _reference_train,
         "cpp": native("kd_logits_loss_train_cpp", _encode),
         "triton": lazy("rosita_fast.kernels.kd_logits_loss", "kd_logits_loss_train"),
+        "cuda": native("kd_logits_loss_train_cuda", _encode),
     },
     _fake_train,
+    route=_route,
     public=False,
 )
 
