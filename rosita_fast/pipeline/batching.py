@@ -48,6 +48,11 @@ class LengthGroupedChunks(Dataset):
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
         return [self.dataset[int(i)] for i in self.chunks[index]]
 
+    def example_indices(self, index: int) -> list[int]:
+        """The indices (in the underlying dataset) of chunk ``index``'s sentences, in row
+        order: what identifies each row for the trainer's teacher cache."""
+        return [int(i) for i in self.chunks[index]]
+
 
 def flatten_collator(
     collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]],

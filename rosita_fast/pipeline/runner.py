@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DynamicPaddingCollator, GlueTask, encode_examples, get_task
+from ..distill.teacher_cache import TeacherCache
 from ..train import Trainer, TrainResult
 from ..train.atomic import write_json_atomic
 from .batching import LengthGroupedChunks, flatten_collator, length_sorted
@@ -178,6 +179,9 @@ def run_pipeline(
     state = _State(output_dir / STATE_FILE, identity)
     _prepare_output(output_dir, state, overwrite=overwrite, resume=resume)
     result = PipelineResult(output_dir)
+    # One cache of teacher outputs for the run: a stage with the same teacher and data as an
+    # earlier one reuses its entries (the cache empties itself for a new teacher or data).
+    teacher_cache = TeacherCache()
     for spec in recipe.stages:
         record = state.stages.get(spec.name, {})
         if record.get("done"):
@@ -186,7 +190,7 @@ def run_pipeline(
         else:
             outcome = _run_stage(recipe, spec, configs[spec.name], task, train, dev,
                                  output_dir, model_source, state, resume=resume,
-                                 progress=progress, log=log)
+                                 progress=progress, log=log, teacher_cache=teacher_cache)
         result.stages.append(outcome)
         if spec.name == stop_after and spec is not recipe.stages[-1]:
             log(f"stopped after stage {spec.name}; continue with --resume")
@@ -234,7 +238,8 @@ def _training_examples(recipe: Recipe, spec: StageSpec, task: GlueTask, train: l
 
 def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: list, dev: list,
                output_dir: Path, model_source: str, state: _State, *, resume: bool,
-               progress: bool, log: Callable[[str], None]) -> StageOutcome:
+               progress: bool, log: Callable[[str], None],
+               teacher_cache: TeacherCache | None = None) -> StageOutcome:
     start = time.time()
     stage_dir = output_dir / STAGES_DIR / spec.name
     init = model_source if spec.init == PRETRAINED else _stage_model_dir(output_dir, spec.init)
@@ -266,7 +271,8 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     trainer = Trainer(config, model=student, teacher=teacher, tokenizer=tokenizer,
                       task=task, train_data=train_data, eval_data=dev_data,
                       output_dir=stage_dir, collate_fn=collate_fn,
-                      resume=resume and stage_dir.exists(), overwrite=False)
+                      resume=resume and stage_dir.exists(), overwrite=False,
+                      teacher_cache=teacher_cache)
     stage_result: TrainResult = trainer.run()
     wall = time.time() - start + state.stages.get(spec.name, {}).get("wall_seconds", 0.0)
     state.stages[spec.name] = {"done": True, "result": stage_result.to_dict(),

@@ -157,6 +157,12 @@ class TrainConfig:
             fused modules (:class:`~rosita_fast.FastModulesConfig`); same function, faster. A
             model the fast modules cannot run (see :attr:`Trainer.fast_modules`), and a KD loss
             that needs attention maps, train on the stock modules with a warning.
+        teacher_cache: keep the teacher's logits per training example and skip the teacher's
+            forward for a batch whose examples all have them (later epochs; later stages with
+            the same teacher and data). Used only while the teacher runs without dropout; the
+            cache is keyed by the teacher's parameters and the training data.
+        teacher_cache_hidden_mb: also keep the teacher's hidden states (real tokens only) up to
+            this many MiB, for hidden-state distillation that excludes padding (0: logits only).
     """
 
     epochs: int = 3
@@ -184,6 +190,8 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     fast_modules: bool = True
+    teacher_cache: bool = True
+    teacher_cache_hidden_mb: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
@@ -192,6 +200,8 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             _require(value is None or value >= 1, f"train.{name} must be at least 1; got {value}")
+        _require(self.teacher_cache_hidden_mb >= 0, "train.teacher_cache_hidden_mb must be >= 0; "
+                 f"got {self.teacher_cache_hidden_mb}")
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0; got "
                  f"{self.learning_rate}")
         _require(0 <= self.warmup_proportion < 1,

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..compress import count_parameters, group_names
 from ..data import DynamicPaddingCollator, GlueTask, get_task
 from ..distill import KDLoss, LayerMapError, apply_relu_before_classifier, teacher_forward
+from ..distill.teacher_cache import TeacherCache, fingerprint
 from .atomic import write_json_atomic
 from .checkpoint import (
     BEST_MODEL_DIR,
@@ -65,9 +66,38 @@ from .selection import ModelSelection
 __all__ = ["TrainResult", "Trainer", "train_stage"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_INDEX_KEY = "example_index"  # the batch entry that names its examples (teacher cache)
+
+
+class _Indexed(Dataset):
+    """``(example indices, item)`` of a map-style dataset: ``[i]`` for item ``i``, or what the
+    dataset's ``example_indices(i)`` says (an item that is a chunk of examples, one per row)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+        self._ids = getattr(data, "example_indices", None)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[list[int], Any]:
+        return (list(self._ids(i)) if self._ids is not None else [i]), self.data[i]
+
+
+class _IndexedCollate:
+    """A collate function that also returns the batch rows' example indices (``_INDEX_KEY``)."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[list[int], Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collate([item for _, item in items]))
+        batch[_INDEX_KEY] = torch.tensor([i for ids, _ in items for i in ids], dtype=torch.long)
+        return batch
 # Options that do not change what is computed; a resumed run may change them.
 # Options that do not change what a run computes (fast modules compute the same function).
-_RESUME_FREE = {"progress", "num_workers", "device", "fast_modules"}
+_RESUME_FREE = {"progress", "num_workers", "device", "fast_modules", "teacher_cache",
+                "teacher_cache_hidden_mb"}
 # 2: importance lives in the pruning schedule's state (one copy, the same on every rank), and
 # is gathered from the DDP-averaged gradient; format-1 checkpoints held per-rank hook sums.
 _STATE_FORMAT = 2
@@ -152,6 +182,7 @@ class Trainer:
         collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
         overwrite: bool = False,
         resume: bool = False,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         if isinstance(config, Mapping):
             config = TrainConfig.from_dict(config)
@@ -181,6 +212,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.fast_modules = self._swap_fast_modules()
+        self.teacher_cache = self._bind_teacher_cache(teacher_cache)
         self._quirk_handles = []
         if config.kd.relu_before_classifier:
             for net in (self.model, self.teacher):
@@ -217,6 +249,22 @@ class Trainer:
             else:
                 used[role] = "fast"
         return used
+
+    def _bind_teacher_cache(self, cache: TeacherCache | None) -> TeacherCache | None:
+        """The cache of teacher outputs this stage uses (``cache`` if given, shared across
+        stages), bound to this teacher and data; None where outputs are not deterministic."""
+        kd = self.kd.config
+        if (self.teacher is None or not self.kd.needs_teacher or not self.config.teacher_cache
+                or kd.teacher_dropout or kd.attention_weight
+                or (self.kd.needs_hidden_states and kd.hidden_include_padding)):
+            return None
+        budget = self.config.teacher_cache_hidden_mb * 2**20
+        if cache is None:
+            cache = TeacherCache(budget)
+        cache.hidden_budget_bytes = budget
+        needs = f"hidden={self.kd.needs_hidden_states}"
+        cache.bind(fingerprint(self.teacher, self.train_data, extra=needs))
+        return cache
 
     # ---- checks --------------------------------------------------------------------------
 
@@ -419,8 +467,11 @@ class Trainer:
         # A private generator: iterating a DataLoader draws a seed from its generator, and the
         # global one would then advance differently in resumed and uninterrupted runs.
         generator = torch.Generator().manual_seed(self.config.seed)
-        return DataLoader(self.train_data, batch_size=self.local_batch_size,
-                          sampler=self.sampler, collate_fn=self.collate_fn, drop_last=True,
+        data, collate = self.train_data, self.collate_fn
+        if self.teacher_cache is not None:  # batches carry their examples' indices
+            data, collate = _Indexed(data), _IndexedCollate(collate)
+        return DataLoader(data, batch_size=self.local_batch_size,
+                          sampler=self.sampler, collate_fn=collate, drop_last=True,
                           num_workers=self.config.num_workers, generator=generator)
 
     def _prune_if_due(self, progress: StageProgress) -> None:
@@ -437,11 +488,12 @@ class Trainer:
             self.pruning_end_step = self.steps_done
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        indices = batch.pop(_INDEX_KEY, None)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels", None)
         inputs = {k: batch[k] for k in _INPUTS if k in batch}
         self.model.train()
-        teacher_out = teacher_forward(self.teacher, inputs, self.kd) if self.teacher else None
+        teacher_out = self._teacher_outputs(inputs, indices) if self.teacher else None
         student_out = self._ddp(**inputs, **self.kd.model_kwargs())
         result = self.kd(student_out, teacher_out, attention_mask=inputs.get("attention_mask"),
                          labels=labels)
@@ -455,6 +507,21 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result.loss.detach()
+
+    def _teacher_outputs(self, inputs: dict[str, torch.Tensor],
+                         indices: torch.Tensor | None) -> Any:
+        cache, mask = self.teacher_cache, inputs.get("attention_mask")
+        if cache is None or indices is None or mask is None:
+            return teacher_forward(self.teacher, inputs, self.kd)
+        ids = indices.tolist()
+        if len(ids) != mask.shape[0]:
+            raise RuntimeError(f"teacher cache: {len(ids)} example indices for a batch of "
+                               f"{mask.shape[0]} rows (a chunked dataset needs example_indices)")
+        out = cache.get(ids, mask, need_hidden=self.kd.needs_hidden_states)
+        if out is None:
+            out = teacher_forward(self.teacher, inputs, self.kd)
+            cache.put(ids, out, mask)
+        return out
 
     def _after_step(self) -> None:
         """Hook run after every update (tests subclass it to simulate a crash)."""
