@@ -8,7 +8,8 @@ term in one launch (one parallel region over all pairs' row blocks) and the grad
 student states in one more.
 
 Everything about the op lives here: the plain-PyTorch ground truth, the input checks, the fakes,
-the backend tables (reference, C++ ``csrc/cpu/hidden_mse_loss.cpp``) and the autograd formula.
+the backend tables (reference, C++ ``csrc/cpu/hidden_mse_loss.cpp``, Triton
+``kernels/hidden_mse_loss.py``) and the autograd formula.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from rosita_fast.backends import forced_backend, use_backend
-from rosita_fast.ops._registry import define_op, native
+from rosita_fast.ops._registry import define_op, lazy, native
 
 __all__ = ["hidden_mse_loss", "reference_backward", "reference_forward"]
 
@@ -98,6 +99,7 @@ _FWD = define_op(
     {
         "reference": reference_forward,
         "cpp": native("hidden_mse_loss_cpp"),
+        "triton": lazy("rosita_fast.kernels.hidden_mse_loss", "hidden_mse_loss_forward"),
     },
     _fake_forward,
 )
@@ -108,6 +110,7 @@ _BWD = define_op(
     {
         "reference": reference_backward,
         "cpp": native("hidden_mse_loss_backward_cpp"),
+        "triton": lazy("rosita_fast.kernels.hidden_mse_loss", "hidden_mse_loss_backward"),
     },
     _fake_backward,
     public=False,
