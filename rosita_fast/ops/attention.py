@@ -223,6 +223,11 @@ def _setup_context(ctx, inputs, output):
     # The training op's output is (out, lse): lse is kept for the backward. The plain op (called
     # directly while autograd records) keeps none; its backward recomputes it.
     out, lse = output if isinstance(output, tuple) else (output, None)
+    if lse is not None:
+        # The extra outputs are non-differentiable and never get a gradient: without this autograd
+        # would materialize a zero tensor the size of each one before calling the backward.
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse, mask, bias)
     ctx.scale = scale
     ctx.has_lse = lse is not None
@@ -236,6 +241,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *unused_grad_lse):
+    if grad is None:  # (grads are not materialized: see _setup_context)
+        return (None,) * 6
     q, k, v, out, lse, mask, bias = ctx.saved_tensors
     mask = mask if ctx.has_mask else None
     bias = bias if ctx.has_bias else None

@@ -275,6 +275,11 @@ def _setup_context(ctx, inputs, output):
     # The training op's output is (out, mean, rstd, word): kept for the backward; the plain op
     # keeps none (the backward recomputes them).
     kept = output[1:] if isinstance(output, tuple) else (None, None, None)
+    if isinstance(output, tuple):
+        # The extra outputs are non-differentiable and never get a gradient: without this autograd
+        # would materialize a zero tensor the size of each one before calling the backward.
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
     mean, rstd, word = kept
     ctx.save_for_backward(input_ids, word_weight, position_ids, position_weight, token_type_ids,
                           token_type_weight, ln_weight, ln_bias, word_proj, mean, rstd, word)
@@ -290,6 +295,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *unused_grads_of_kept):
+    if grad is None:  # (grads are not materialized: see _setup_context)
+        return (None,) * 12
     (input_ids, word_weight, position_ids, position_weight, token_type_ids, token_type_weight,
      ln_weight, ln_bias, word_proj, mean, rstd, word) = ctx.saved_tensors
     has_tt, has_proj, has_stats, has_word = ctx.has

@@ -191,11 +191,16 @@ _TRAIN = define_op(
 
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
+    # The extra outputs are non-differentiable and never get a gradient: without this autograd
+    # would materialize a zero tensor the size of each one before calling the backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.student_shape = inputs[0].shape
 
 
 def _backward(ctx, grad_rows, _unused):
+    if grad_rows is None:  # (grads are not materialized: see _setup_context)
+        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
     scale = grad_rows.reshape(-1, 1)
     # A backward that frees the graph (no retain_graph / create_graph: autograd's own flag, which

@@ -188,6 +188,9 @@ def _setup_context(ctx, inputs, output):
     if isinstance(output, tuple):
         z = output[1]
         ctx.mark_non_differentiable(z)
+        # The extra outputs are non-differentiable and never get a gradient: without this autograd
+        # would materialize a zero tensor the size of each one before calling the backward.
+        ctx.set_materialize_grads(False)
     else:
         z = output if activation == "relu" else None
     ctx.save_for_backward(x, weight, bias, z)
@@ -201,6 +204,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *unused_grad_z):
+    if grad is None:  # (grads are not materialized: see _setup_context)
+        return (None,) * ctx.n_inputs
     x, weight, bias, z = ctx.saved_tensors
     args = (grad, x, weight, bias if ctx.has_bias else None, ctx.activation,
             z if ctx.has_z else None)

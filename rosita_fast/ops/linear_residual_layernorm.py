@@ -206,6 +206,9 @@ def _setup_context(ctx, inputs, output):
     if isinstance(output, tuple):
         _, y, mean, rstd = output
         ctx.mark_non_differentiable(y, mean, rstd)
+        # The extra outputs are non-differentiable and never get a gradient: without this autograd
+        # would materialize a zero tensor the size of each one before calling the backward.
+        ctx.set_materialize_grads(False)
         residual = None
     else:
         y = mean = rstd = None
@@ -219,6 +222,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *unused_grads):
+    if grad is None:  # (grads are not materialized: see _setup_context)
+        return (None,) * ctx.n_inputs
     x, weight, bias, residual, ln_weight, ln_bias, y, mean, rstd = ctx.saved_tensors
     has_bias, has_residual, has_y = ctx.present
     args = (grad, x, weight, bias if has_bias else None, residual if has_residual else None,

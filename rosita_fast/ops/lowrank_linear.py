@@ -213,6 +213,11 @@ def _setup_context(ctx, inputs, output):
     x, u, v, bias, activation = inputs
     # The training op's output is (out, h): h is kept for the backward; the plain op keeps none.
     h = output[1] if isinstance(output, tuple) else None
+    if h is not None:
+        # The extra outputs are non-differentiable and never get a gradient: without this autograd
+        # would materialize a zero tensor the size of each one before calling the backward.
+        ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, u, v, bias, h)
     ctx.activation = activation
     ctx.has_bias = bias is not None
@@ -225,6 +230,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *unused_grad_h):
+    if grad is None:  # (grads are not materialized: see _setup_context)
+        return (None,) * 5
     x, u, v, bias, h = ctx.saved_tensors
     args = (grad, x, u, v, bias if ctx.has_bias else None, ctx.activation,
             h if ctx.has_h else None)
