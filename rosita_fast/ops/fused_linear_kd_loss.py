@@ -26,7 +26,7 @@ import torch
 
 from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._registry import REGISTRY, define_op
-from rosita_fast.ops.kd_logits_loss import check_options
+from rosita_fast.ops.kd_logits_loss import check_mask_values, check_options
 from rosita_fast.ops.kd_logits_loss import reference_backward as kd_reference_backward
 from rosita_fast.ops.kd_logits_loss import reference_forward as kd_reference_forward
 
@@ -286,8 +286,7 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, stude
         if mask.device != student_hidden.device:
             raise ValueError(f"fused_linear_kd_loss: mask is on {mask.device} but the hidden "
                              f"states are on {student_hidden.device}")
-        if mask.is_floating_point() and bool((~((mask == 0) | (mask == 1))).any()):
-            raise ValueError("fused_linear_kd_loss: a floating mask must hold only 0 and 1")
+        check_mask_values(mask, "fused_linear_kd_loss")
 
 
 def fused_linear_kd_loss(

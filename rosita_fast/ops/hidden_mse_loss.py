@@ -20,6 +20,7 @@ import torch
 
 from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._registry import define_op, lazy, native
+from rosita_fast.ops.kd_logits_loss import check_mask_values
 
 __all__ = ["hidden_mse_loss", "reference_backward", "reference_forward"]
 
@@ -196,8 +197,7 @@ def _check(student, teacher, mapping, mask) -> list[int]:
         if mask.device != ref.device:
             raise ValueError(f"hidden_mse_loss: mask is on {mask.device}, the states on "
                              f"{ref.device}")
-        if mask.is_floating_point() and bool((~((mask == 0) | (mask == 1))).any()):
-            raise ValueError("hidden_mse_loss: a floating mask must hold only 0 and 1")
+        check_mask_values(mask, "hidden_mse_loss")
     return mapping
 
 

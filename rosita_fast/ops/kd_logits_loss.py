@@ -249,6 +249,13 @@ def check_options(temperature, kind: str, reduction: str, op: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_mask_values(mask: torch.Tensor, op: str) -> None:
+    """Raise if a floating (or complex) mask holds anything but 0 and 1 (shared by the KD ops)."""
+    if (mask.is_floating_point() or mask.is_complex()) and bool(
+            (~((mask == 0) | (mask == 1))).any()):
+        raise ValueError(f"{op}: a floating mask must hold only 0 and 1")
+
+
 def _check(student, teacher, temperature, kind, reduction, mask) -> None:
     for name, t in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(t, torch.Tensor):
@@ -282,10 +289,7 @@ def _check(student, teacher, temperature, kind, reduction, mask) -> None:
         if mask.device != student.device:
             raise ValueError(f"kd_logits_loss: mask is on {mask.device} but the logits are on "
                              f"{student.device}")
-        if mask.is_floating_point() or mask.is_complex():
-            bad = ~((mask == 0) | (mask == 1))
-            if bool(bad.any()):
-                raise ValueError("kd_logits_loss: a floating mask must hold only 0 and 1")
+        check_mask_values(mask, "kd_logits_loss")
 
 
 def kd_logits_loss(
