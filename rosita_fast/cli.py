@@ -101,6 +101,10 @@ def _add_fast_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fast-modules", action="store_true",
                         help="train on the stock Hugging Face modules instead of rosita_fast's "
                         "fast modules (same function; see README 'FastModulesConfig')")
+    parser.add_argument("--no-fast-paths", action="store_true",
+                        help="turn off everything rosita_fast adds to training: stock modules, "
+                        "plain-PyTorch distillation losses, no teacher-output cache (the "
+                        "baseline for wall-time comparisons; same function)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with other jobs, 1 is often several times faster than 2")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_fast_arg(p)
+    p.add_argument("--compare-to", type=Path, default=None, metavar="RUN_DIR",
+                   help="a finished run of the same recipe (e.g. one with --no-fast-paths); the "
+                   "report shows its wall time per stage beside this run's. With --resume on a "
+                   "finished run, only the report is rewritten")
 
     p = sub.add_parser("evaluate", help="dev metrics, parameters and latency of a saved model "
                        "(seconds)", description=_EVALUATE, formatter_class=fmt)
@@ -350,7 +358,8 @@ def _finetune(args: argparse.Namespace) -> int:
     result = run_pipeline(recipe, args.output_dir, data_dir=_data_dir(args, recipe.task),
                           overwrite=args.overwrite, resume=args.resume,
                           progress=not args.no_progress,
-                          fast_modules=False if args.no_fast_modules else None)
+                          fast_modules=False if args.no_fast_modules else None,
+                          fast_paths=False if args.no_fast_paths else None)
     print(f"model: {result.stages[0].model_dir}")
     return 0
 
@@ -371,7 +380,9 @@ def _compress(args: argparse.Namespace) -> int:
     result = run_pipeline(recipe, output_dir, data_dir=_data_dir(args, recipe.task),
                           overwrite=args.overwrite, resume=args.resume,
                           stop_after=args.stop_after, progress=not args.no_progress,
-                          fast_modules=False if args.no_fast_modules else None)
+                          fast_modules=False if args.no_fast_modules else None,
+                          fast_paths=False if args.no_fast_paths else None,
+                          compare_to=args.compare_to)
     if result.report is not None:
         print(f"report: {result.report} (plot: {result.report.with_suffix('.png')})")
     return 0

@@ -39,7 +39,8 @@ def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa:
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [r["parameters"] for r in data] == [s.num_parameters for s in result.stages]
     assert all(r["latency_ms"] > 0 and r["latency_fast_ms"] > 0 for r in data)
-    assert all(r["trained_on"] == "fast" for r in data)
+    assert all(r["trained_on"] == "fast, fused, cache" for r in data[1:])
+    assert data[0]["trained_on"] == "fast"  # fine-tuning: no distillation, no teacher
     assert "latency ms (fast)" in table and "trained on" in table
     assert data[-1]["ratio"] > 1.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,3 +114,44 @@ def test_stock_modules_when_asked(tiny_setup):  # noqa: F811
                           log=lambda _: None, fast_modules=False, stop_after="student")
     assert [s.fast_modules for s in result.stages] == [
         {"student": "stock"}, {"student": "stock", "teacher": "stock"}]
+
+
+def test_fast_paths_off_is_the_baseline_the_report_compares_with(tiny_setup):  # noqa: F811
+    spec = tiny_recipe(tiny_setup["model"])
+    spec["stages"] = spec["stages"][:2]
+    recipe = recipe_from_dict(spec)
+    base, fast = tiny_setup["root"] / "base", tiny_setup["root"] / "fast"
+    with pytest.raises(PipelineError, match="cannot read"):
+        run_pipeline(recipe, fast, data_dir=tiny_setup["data"], progress=False,
+                     log=lambda _: None, compare_to=base)
+    assert not fast.exists()  # a bad --compare-to fails before anything is written
+    stock = run_pipeline(recipe, base, data_dir=tiny_setup["data"], progress=False,
+                         log=lambda _: None, fast_paths=False)
+    off = {"fast_modules": False, "fused_losses": False, "teacher_cache": False}
+    assert [s.paths for s in stock.stages] == [{**off, "distils": False},
+                                               {**off, "distils": True}]
+    assert stock.stages[1].fast_modules == {"student": "stock", "teacher": "stock"}
+
+    result = run_pipeline(recipe, fast, data_dir=tiny_setup["data"], progress=False,
+                          log=lambda _: None, compare_to=base)
+    rows = json.loads((fast / "report.json").read_text(encoding="utf-8"))
+    for row, mine, theirs in zip(rows, result.stages, stock.stages, strict=True):
+        assert row["baseline_wall_minutes"] == pytest.approx(theirs.wall_seconds / 60)
+        assert row["wall_minutes"] == pytest.approx(mine.wall_seconds / 60)
+    table = (fast / "report.md").read_text(encoding="utf-8")
+    assert "| baseline wall min | speed-up |" in table and f"`{base}`" in table
+    assert "| fast, fused, cache |" in table and "Total training wall time" in table
+    assert "baseline" in table.split("Total training wall time")[1]
+    base_table = (base / "report.md").read_text(encoding="utf-8")
+    assert "| stock, reference |" in base_table and "baseline wall min" not in base_table
+
+    other = recipe_from_dict(tiny_recipe(tiny_setup["model"], name="other"))
+    with pytest.raises(PipelineError, match="different recipe"):
+        run_pipeline(other, tiny_setup["root"] / "x", data_dir=tiny_setup["data"],
+                     progress=False, log=lambda _: None, compare_to=base)
+    partial = tiny_setup["root"] / "partial"
+    run_pipeline(recipe, partial, data_dir=tiny_setup["data"], progress=False,
+                 log=lambda _: None, stop_after="teacher", fast_paths=False)
+    with pytest.raises(PipelineError, match="unfinished stages"):
+        run_pipeline(recipe, tiny_setup["root"] / "y", data_dir=tiny_setup["data"],
+                     progress=False, log=lambda _: None, compare_to=partial)

@@ -5,7 +5,8 @@ Latency is measured here, on this machine's CPU: every stage's selected model ru
 grad) with ``latency_threads`` torch threads after a short warm-up; the table gives the median
 milliseconds per sentence, once for the stock Hugging Face modules and once with rosita_fast's
 fast modules swapped in (:class:`~rosita_fast.FastModulesConfig`). The table also says what each
-stage trained on.
+stage trained on and with which fast paths, and its wall time; given a baseline run of the same
+recipe (typically with the fast paths off), the baseline's wall time per stage beside it.
 """
 
 from __future__ import annotations
@@ -94,12 +95,25 @@ def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe) -
     return {"stage": outcome.name, "shape": shape, "parameters": parameters,
             "metric": outcome.best_metric, "latency_ms": latency["stock"],
             "latency_fast_ms": latency["fast"],
-            "trained_on": (outcome.fast_modules or {}).get("student", "stock"),
+            "trained_on": _trained_on(outcome),
             "wall_minutes": None if wall is None else wall / 60}
 
 
+def _trained_on(outcome: Any) -> str:
+    modules = (outcome.fast_modules or {}).get("student", "stock")
+    paths = getattr(outcome, "paths", None)
+    if paths is None:  # a record from before the paths were recorded
+        return modules
+    losses = ""
+    if paths.get("distils", True):
+        losses = ", fused" if paths.get("fused_losses") else ", reference"
+    cache = ", cache" if paths.get("teacher_cache") else ""
+    return f"{modules}{losses}{cache}"
+
+
 def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print,
+                 baseline: dict[str, Any] | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and ``report.png`` into the pipeline's directory.
 
     Args:
@@ -107,6 +121,8 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         result: the :class:`~rosita_fast.pipeline.runner.PipelineResult` with every stage.
         task: its task (names the metric).
         dev: the dev examples (latency inputs).
+        baseline: another run's stage wall times
+            (:func:`~rosita_fast.pipeline.runner.read_stage_walls`), shown beside this run's.
 
     Returns:
         The path of ``report.md``.
@@ -121,16 +137,27 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
                          if r["metric"] is not None and teacher["metric"] else None)
     metric = task.main_metric
     total_wall = sum(s.wall_seconds for s in result.stages) / 60
+    base = baseline["stages"] if baseline else {}
+    for r in rows:
+        seconds = base.get(r["stage"], {}).get("wall_seconds")
+        r["baseline_wall_minutes"] = None if seconds is None else seconds / 60
     lines = [f"# {recipe.name} on {task.name}", "",
              f"Dev {metric} of the selected model of every stage (teacher: `{teacher_name}`). "
              "Parameters count every tensor, embeddings included. Latency: median CPU ms per "
              f"dev sentence at batch 1, {recipe.report.latency_threads} thread(s), fp32, "
              f"first {min(len(dev), recipe.report.latency_sentences)} dev sentences, in stock "
              "Hugging Face (HF) and with rosita_fast's fast modules (fast). `trained on`: the "
-             "modules the stage trained through.", "",
+             "modules the stage trained through (fast or stock), for a distillation stage its "
+             "losses (fused ops or the plain-PyTorch reference), and `cache` where it used the "
+             "teacher-output cache. `wall min`: the stage from loading its models to its final "
+             "evaluation."
+             + (f" `baseline wall min`: the same stage in the run in `{baseline['run_dir']}`."
+                if baseline else ""), "",
              f"| stage | shape | parameters | × smaller | dev {metric} | % of teacher | "
-             "latency ms (HF) | latency ms (fast) | trained on | wall min |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "latency ms (HF) | latency ms (fast) | trained on | wall min |"
+             + (" baseline wall min | speed-up |" if baseline else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if baseline
+                                                                  else "")]
     for r in rows:
         value = "-" if r["metric"] is None else f"{r['metric']:.4f}"
         kept = "-" if r["retained"] is None else f"{100 * r['retained']:.1f}"
@@ -139,8 +166,13 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         fast = "-" if r["latency_fast_ms"] is None else f"{r['latency_fast_ms']:.2f}"
         lines.append(f"| {r['stage']}{mark} | {r['shape']} | {r['parameters']:,} | "
                      f"{r['ratio']:.2f} | {value} | {kept} | {r['latency_ms']:.2f} | {fast} | "
-                     f"{r['trained_on']} | {wall} |")
-    lines += ["", f"Total training wall time: {total_wall:.1f} min.", "",
+                     f"{r['trained_on']} | {wall} |" + (_baseline_cells(r) if baseline else ""))
+    total = f"Total training wall time: {total_wall:.1f} min"
+    if baseline:
+        base_total = sum(v["wall_seconds"] for v in base.values()) / 60
+        total += (f"; baseline {base_total:.1f} min ({base_total / total_wall:.2f}× as long)"
+                  if total_wall else f"; baseline {base_total:.1f} min")
+    lines += ["", total + ".", "",
               "![metric vs parameters](report.png)", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
@@ -148,6 +180,14 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
     _plot(rows, teacher_name, metric, out / "report.png", f"{recipe.name} on {task.name}")
     log("\n".join(lines))
     return report
+
+
+def _baseline_cells(row: dict[str, Any]) -> str:
+    base, wall = row["baseline_wall_minutes"], row["wall_minutes"]
+    if base is None:
+        return " - | - |"
+    ratio = f"{base / wall:.2f}×" if wall else "-"
+    return f" {base:.1f} | {ratio} |"
 
 
 def _plot(rows: list[dict[str, Any]], teacher_name: str, metric: str, path: Path,

@@ -59,6 +59,10 @@ class StageOutcome:
     wall_seconds: float
     fast_modules: dict[str, str] = field(default_factory=dict)
     """What the stage trained on (``{"student": "fast", "teacher": "fast"}``)."""
+    paths: dict[str, bool] | None = None
+    """The fast paths the stage ran with (the ``fast_modules`` and ``fused_losses`` settings,
+    whether the teacher cache was used, and whether the stage ``distils``); ``None`` for runs
+    older than the record."""
 
 
 @dataclass
@@ -136,6 +140,8 @@ def run_pipeline(
     log: Callable[[str], None] = print,
     make_report: bool = True,
     fast_modules: bool | None = None,
+    fast_paths: bool | None = None,
+    compare_to: str | Path | None = None,
 ) -> PipelineResult:
     """Run ``recipe``'s stages in order and write the end report.
 
@@ -151,6 +157,13 @@ def run_pipeline(
         make_report: write ``report.md``/``report.png`` once every stage has finished.
         fast_modules: ``False`` trains every stage on the stock Hugging Face modules (the CLI's
             ``--no-fast-modules``); ``None`` keeps each stage's ``train.fast_modules`` (default on).
+        fast_paths: ``False`` turns off everything rosita_fast adds to training (the CLI's
+            ``--no-fast-paths``): stock modules, the plain-PyTorch losses, no teacher cache; the
+            baseline that the fast run's wall times are measured against. ``None`` keeps each
+            stage's settings.
+        compare_to: the output directory of another run of the same recipe (typically the one
+            with ``fast_paths=False``); the report then shows its wall time per stage beside
+            this run's.
 
     Raises:
         RecipeError, PipelineError, DataError, TokenizerMismatchError, TrainConfigError: bad
@@ -169,6 +182,10 @@ def run_pipeline(
     configs = {s.name: recipe.train_config(s) for s in recipe.stages}
     if fast_modules is not None:
         configs = {name: _with(c, fast_modules=fast_modules) for name, c in configs.items()}
+    if fast_paths is not None:
+        configs = {name: _with(c, fast_modules=fast_paths, fused_losses=fast_paths,
+                               teacher_cache=fast_paths) for name, c in configs.items()}
+    baseline = None if compare_to is None else read_stage_walls(Path(compare_to), recipe)
     # Read the data before creating anything, so a bad directory leaves no trace.
     train_all = load_split(task, "train", data_path)
     dev = load_split(task, "dev", data_path)
@@ -199,7 +216,7 @@ def run_pipeline(
     if make_report:
         from .report import write_report
 
-        result.report = write_report(recipe, result, task, dev, log=log)
+        result.report = write_report(recipe, result, task, dev, log=log, baseline=baseline)
     return result
 
 
@@ -216,7 +233,7 @@ def _outcome_from_record(name: str, record: dict[str, Any]) -> StageOutcome:
     r = record["result"]
     return StageOutcome(name, Path(r["model_dir"]), r["metric"], r["best_metric"],
                         r["num_parameters"], r["steps"], record.get("wall_seconds", 0.0),
-                        r.get("fast_modules", {}))
+                        r.get("fast_modules", {}), record.get("paths"))
 
 
 def _stage_model_dir(output_dir: Path, name: str) -> Path:
@@ -276,11 +293,42 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     stage_result: TrainResult = trainer.run()
     wall = time.time() - start + state.stages.get(spec.name, {}).get("wall_seconds", 0.0)
     state.stages[spec.name] = {"done": True, "result": stage_result.to_dict(),
-                               "wall_seconds": round(wall, 1)}
+                               "wall_seconds": round(wall, 1), "paths": _paths(config, trainer)}
     state.save()
     log(f"[{spec.name}] done in {wall / 60:.1f} min: {stage_result.metric} "
         f"{stage_result.best_metric}, {stage_result.num_parameters:,} parameters")
     return _outcome_from_record(spec.name, state.stages[spec.name])
+
+
+def _paths(config, trainer: Trainer) -> dict[str, bool]:
+    # The settings, except the cache: what the trainer actually used (none without a teacher).
+    return {"fast_modules": config.fast_modules, "fused_losses": config.fused_losses,
+            "teacher_cache": trainer.teacher_cache is not None,
+            "distils": trainer.kd.needs_teacher}
+
+
+def read_stage_walls(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """The wall seconds and fast-path settings of every stage of a finished run of ``recipe``
+    in ``run_dir`` (for :func:`run_pipeline`'s ``compare_to``).
+
+    Raises:
+        PipelineError: no finished run of the same recipe there.
+    """
+    path = Path(run_dir) / STATE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"--compare-to: cannot read {path}: {exc}") from exc
+    if data.get("identity", {}).get("recipe") != json.loads(json.dumps(recipe.to_dict())):
+        raise PipelineError(f"--compare-to: {run_dir} ran a different recipe than "
+                            f"{recipe.name}; wall times are comparable only for the same one")
+    stages = data.get("stages", {})
+    missing = [s.name for s in recipe.stages if not stages.get(s.name, {}).get("done")]
+    if missing:
+        raise PipelineError(f"--compare-to: {run_dir} has unfinished stages: {missing}")
+    return {"run_dir": str(run_dir),
+            "stages": {s.name: {"wall_seconds": stages[s.name]["wall_seconds"],
+                                "paths": stages[s.name].get("paths")} for s in recipe.stages}}
 
 
 def _with(config, **changes):

@@ -157,6 +157,10 @@ class TrainConfig:
             fused modules (:class:`~rosita_fast.FastModulesConfig`); same function, faster. A
             model the fast modules cannot run (see :attr:`Trainer.fast_modules`), and a KD loss
             that needs attention maps, train on the stock modules with a warning.
+        fused_losses: compute the distillation terms with rosita_fast's fused ops
+            (:data:`~rosita_fast.distill.FUSED_FUNCTIONS`: ``kd_logits_loss``, ``hidden_mse_loss``);
+            off, the plain-PyTorch losses (:data:`~rosita_fast.distill.REFERENCE_FUNCTIONS`).
+            Same values either way.
         teacher_cache: keep the teacher's logits per training example and skip the teacher's
             forward for a batch whose examples all have them (later epochs; later stages with
             the same teacher and data). Used only while the teacher runs without dropout; the
@@ -190,6 +194,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     fast_modules: bool = True
+    fused_losses: bool = True
     teacher_cache: bool = True
     teacher_cache_hidden_mb: int = 0
 

@@ -37,7 +37,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..compress import count_parameters, group_names
 from ..data import DynamicPaddingCollator, GlueTask, get_task
-from ..distill import KDLoss, LayerMapError, apply_relu_before_classifier, teacher_forward
+from ..distill import (
+    FUSED_FUNCTIONS,
+    REFERENCE_FUNCTIONS,
+    KDLoss,
+    LayerMapError,
+    apply_relu_before_classifier,
+    teacher_forward,
+)
 from ..distill.teacher_cache import TeacherCache, fingerprint
 from .atomic import write_json_atomic
 from .checkpoint import (
@@ -96,8 +103,8 @@ class _IndexedCollate:
         return batch
 # Options that do not change what is computed; a resumed run may change them.
 # Options that do not change what a run computes (fast modules compute the same function).
-_RESUME_FREE = {"progress", "num_workers", "device", "fast_modules", "teacher_cache",
-                "teacher_cache_hidden_mb"}
+_RESUME_FREE = {"progress", "num_workers", "device", "fast_modules", "fused_losses",
+                "teacher_cache", "teacher_cache_hidden_mb"}
 # 2: importance lives in the pruning schedule's state (one copy, the same on every rank), and
 # is gathered from the DDP-averaged gradient; format-1 checkpoints held per-rank hook sums.
 _STATE_FORMAT = 2
@@ -278,7 +285,9 @@ class Trainer:
         # Distributed, the hidden/attention terms must average over the global batch's tokens,
         # not each rank's (ranks hold different token counts); see KDLoss's average_counts.
         self.kd = KDLoss(config.kd, average_counts=self.dist.mean_over_ranks
-                         if self.dist.distributed else None)
+                         if self.dist.distributed else None,
+                         functions=FUSED_FUNCTIONS if config.fused_losses
+                         else REFERENCE_FUNCTIONS)
         if self.kd.needs_teacher and teacher is None:
             raise TrainConfigError("the distillation config needs a teacher (prediction, hidden "
                                    "or attention weights are set); pass teacher=... or use "
