@@ -128,10 +128,12 @@ class OpSpec:
     grad_inputs: tuple[int, ...] | None = None
 
 
-def parametrize(cases: Sequence[Case]):
+def parametrize(cases: Sequence[Case], *, dtypes: Sequence[str] = DTYPES,
+                keep: Callable[[str, Case, str], bool] | None = None):
     """Decorator: one test per (device, dtype, case, mode, impl), in that nesting order, with
     ids like ``cpu-fp32-t32-768x768-r64-none-fwd-fused``, and the pytest-benchmark settings.
-    CUDA rows are skipped where there is no GPU."""
+    CUDA rows are skipped where there is no GPU. ``keep(dtype, case, mode)``, if given, drops
+    the rows it returns False for (e.g. training modes of inference-only cases)."""
     no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
     params = [
         pytest.param(
@@ -140,8 +142,9 @@ def parametrize(cases: Sequence[Case]):
             marks=[no_gpu] if device == "cuda" else [],
         )
         for device, dtype, case, mode, impl in itertools.product(
-            DEVICES, DTYPES, cases, MODES, IMPLS
+            DEVICES, dtypes, cases, MODES, IMPLS
         )
+        if keep is None or keep(dtype, case, mode)
     ]
 
     def deco(fn):

@@ -18,12 +18,9 @@ is written to ``results/fused_linear_kd_loss.partial.*``).
 
 from __future__ import annotations
 
-import itertools
-
-import pytest
 import torch
 import torch.nn.functional as F
-from _harness import BENCH_OPTIONS, DEVICES, IMPLS, Case, OpSpec, measure
+from _harness import Case, OpSpec, measure, parametrize
 
 from rosita_fast import ops
 
@@ -67,18 +64,10 @@ SPEC = OpSpec(
 )
 
 
-def _params():
-    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-    return [
-        pytest.param(device, "fp32", case, mode, impl,
-                     id=f"{device}-fp32-{case.id}-{mode}-{impl}",
-                     marks=[no_gpu] if device == "cuda" else [])
-        for device, case, mode, impl in itertools.product(DEVICES, CASES, ("fwd", "fwdbwd"),
-                                                          IMPLS)
-    ]
+def _keep(dtype: str, case: Case, mode: str) -> bool:
+    return mode in ("fwd", "fwdbwd")
 
 
-@pytest.mark.parametrize("device,dtype,case,mode,impl", _params())
-@pytest.mark.benchmark(**BENCH_OPTIONS)
+@parametrize(CASES, dtypes=("fp32",), keep=_keep)
 def test_fused_linear_kd_loss(benchmark, device, dtype, case, mode, impl):
     measure(benchmark, SPEC, device, dtype, case, mode, impl)

@@ -18,12 +18,14 @@ e.g. ``-k "t64 and bf16"``; a subset is written to ``results/linear_residual_lay
 
 from __future__ import annotations
 
-import itertools
-
-import pytest
 import torch
 import torch.nn.functional as F
-from _harness import BENCH_OPTIONS, DEVICES, DTYPES, IMPLS, MODES, Case, OpSpec, measure
+from _harness import (
+    Case,
+    OpSpec,
+    measure,
+    parametrize,
+)
 
 from rosita_fast import ops
 
@@ -93,20 +95,11 @@ SPEC = OpSpec(
 )
 
 
-def _params():
-    # harness.parametrize's rows, less the packed cases' training modes.
-    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-    return [
-        pytest.param(device, dtype, case, mode, impl,
-                     id=f"{device}-{dtype}-{case.id}-{mode}-{impl}",
-                     marks=[no_gpu] if device == "cuda" else [])
-        for device, dtype, case, mode, impl in itertools.product(DEVICES, DTYPES, CASES, MODES,
-                                                                 IMPLS)
-        if mode == "fwd" or not case.params["packed"]
-    ]
+def _keep(dtype: str, case: Case, mode: str) -> bool:
+    # Packed weights are for inference: their cases have no training modes.
+    return mode == "fwd" or not case.params["packed"]
 
 
-@pytest.mark.parametrize("device,dtype,case,mode,impl", _params())
-@pytest.mark.benchmark(**BENCH_OPTIONS)
+@parametrize(CASES, keep=_keep)
 def test_linear_residual_layernorm(benchmark, device, dtype, case, mode, impl):
     measure(benchmark, SPEC, device, dtype, case, mode, impl)

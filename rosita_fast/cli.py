@@ -103,8 +103,9 @@ def _add_fast_arg(parser: argparse.ArgumentParser) -> None:
                         "fast modules (same function; see README 'FastModulesConfig')")
     parser.add_argument("--no-fast-paths", action="store_true",
                         help="turn off everything rosita_fast adds to training: stock modules, "
-                        "plain-PyTorch distillation losses, no teacher-output cache (the "
-                        "baseline for wall-time comparisons; same function)")
+                        "plain-PyTorch distillation losses, torch's default (unfused) AdamW, no "
+                        "teacher-output cache (the baseline for wall-time comparisons; same "
+                        "function)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,8 +39,8 @@ def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa:
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert [r["parameters"] for r in data] == [s.num_parameters for s in result.stages]
     assert all(r["latency_ms"] > 0 and r["latency_fast_ms"] > 0 for r in data)
-    assert all(r["trained_on"] == "fast, fused, cache" for r in data[1:])
-    assert data[0]["trained_on"] == "fast"  # fine-tuning: no distillation, no teacher
+    assert all(r["trained_on"] == "fast, fused KD, fused AdamW, cache" for r in data[1:])
+    assert data[0]["trained_on"] == "fast, fused AdamW"  # fine-tuning: no KD, no teacher
     assert "latency ms (fast)" in table and "trained on" in table
     assert data[-1]["ratio"] > 1.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -127,7 +127,8 @@ def test_fast_paths_off_is_the_baseline_the_report_compares_with(tiny_setup):  #
     assert not fast.exists()  # a bad --compare-to fails before anything is written
     stock = run_pipeline(recipe, base, data_dir=tiny_setup["data"], progress=False,
                          log=lambda _: None, fast_paths=False)
-    off = {"fast_modules": False, "fused_losses": False, "teacher_cache": False}
+    off = {"fast_modules": False, "fused_losses": False, "fused_optimizer": False,
+           "teacher_cache": False}
     assert [s.paths for s in stock.stages] == [{**off, "distils": False},
                                                {**off, "distils": True}]
     assert stock.stages[1].fast_modules == {"student": "stock", "teacher": "stock"}
@@ -140,10 +141,11 @@ def test_fast_paths_off_is_the_baseline_the_report_compares_with(tiny_setup):  #
         assert row["wall_minutes"] == pytest.approx(mine.wall_seconds / 60)
     table = (fast / "report.md").read_text(encoding="utf-8")
     assert "| baseline wall min | speed-up |" in table and f"`{base}`" in table
-    assert "| fast, fused, cache |" in table and "Total training wall time" in table
+    assert "| fast, fused KD, fused AdamW, cache |" in table
+    assert "Total training wall time" in table
     assert "baseline" in table.split("Total training wall time")[1]
     base_table = (base / "report.md").read_text(encoding="utf-8")
-    assert "| stock, reference |" in base_table and "baseline wall min" not in base_table
+    assert "| stock, reference KD |" in base_table and "baseline wall min" not in base_table
 
     other = recipe_from_dict(tiny_recipe(tiny_setup["model"], name="other"))
     with pytest.raises(PipelineError, match="different recipe"):

@@ -111,12 +111,13 @@ def test_a_teacher_that_does_not_fit_is_rejected(tmp_path, teacher_options, kd, 
     assert not (tmp_path / "run").exists()
 
 
-def test_bert_adam_has_no_bias_correction_and_clips_each_tensor():
+@pytest.mark.parametrize("fused", [False, True])
+def test_bert_adam_has_no_bias_correction_and_clips_each_tensor(fused):
     a = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     b = torch.nn.Parameter(torch.tensor([0.5]))
     lr, eps, wd, b1, b2 = 0.1, 1e-6, 0.01, 0.9, 0.999
     opt = BertAdam([{"params": [a], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}],
-                   lr=lr, eps=eps, max_grad_norm=1.0)
+                   lr=lr, eps=eps, max_grad_norm=1.0, fused=fused)
     a.grad = torch.tensor([30.0, 40.0])  # norm 50: clipped to norm 1 on its own
     b.grad = torch.tensor([0.2])  # below the norm: untouched (a global clip would shrink it)
     a0, b0 = a.detach().clone(), b.detach().clone()
@@ -128,3 +129,39 @@ def test_bert_adam_has_no_bias_correction_and_clips_each_tensor():
     expected_b = b0 - lr * ((1 - b1) * gb / (((1 - b2) * gb**2).sqrt() + eps))
     torch.testing.assert_close(a.detach(), expected_a)
     torch.testing.assert_close(b.detach(), expected_b)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_fused_bert_adam_follows_the_loop_over_many_steps(max_grad_norm):
+    # Odd sizes, two groups, gradients alternating between clipped and unclipped, one parameter
+    # without a gradient on some steps: the fused kernel stays within float rounding of the loop.
+    shapes = [(37, 19), (5,), (64, 33), (3, 1)]
+    loop = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    fused = [torch.nn.Parameter(p.detach().clone()) for p in loop]
+    start = [p.detach().clone() for p in loop]
+
+    def make(params, flag):
+        return BertAdam([{"params": params[:2], "weight_decay": 0.01},
+                         {"params": params[2:], "weight_decay": 0.0}],
+                        lr=1e-2, max_grad_norm=max_grad_norm, fused=flag)
+
+    opt_loop, opt_fused = make(loop, False), make(fused, True)
+    for step in range(25):
+        for i, (x, y) in enumerate(zip(loop, fused, strict=True)):
+            if i == 3 and step % 3 == 0:
+                x.grad = y.grad = None
+                continue
+            g = torch.randn_like(x) * (3.0 if step % 2 else 0.01)
+            x.grad, y.grad = g.clone(), g.clone()
+        opt_loop.step()
+        opt_fused.step()
+    for x, y, x0 in zip(loop, fused, start, strict=True):
+        assert (x.detach() - x0).abs().max() > 1e-2  # the parameters did move
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-5)
+    assert opt_fused.state[fused[3]]["step"] == opt_loop.state[loop[3]]["step"] == 16
+
+
+def test_fused_bert_adam_needs_floating_point_parameters():
+    with pytest.raises(RuntimeError, match="fused=True"):
+        BertAdam([torch.nn.Parameter(torch.ones(2, dtype=torch.int32), requires_grad=False)],
+                 lr=0.1, fused=True)

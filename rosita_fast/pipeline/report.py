@@ -104,11 +104,14 @@ def _trained_on(outcome: Any) -> str:
     paths = getattr(outcome, "paths", None)
     if paths is None:  # a record from before the paths were recorded
         return modules
-    losses = ""
+    parts = [modules]
     if paths.get("distils", True):
-        losses = ", fused" if paths.get("fused_losses") else ", reference"
-    cache = ", cache" if paths.get("teacher_cache") else ""
-    return f"{modules}{losses}{cache}"
+        parts.append("fused KD" if paths.get("fused_losses") else "reference KD")
+    if paths.get("fused_optimizer"):
+        parts.append("fused AdamW")
+    if paths.get("teacher_cache"):
+        parts.append("cache")
+    return ", ".join(parts)
 
 
 def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
@@ -148,7 +151,8 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
              f"first {min(len(dev), recipe.report.latency_sentences)} dev sentences, in stock "
              "Hugging Face (HF) and with rosita_fast's fast modules (fast). `trained on`: the "
              "modules the stage trained through (fast or stock), for a distillation stage its "
-             "losses (fused ops or the plain-PyTorch reference), and `cache` where it used the "
+             "losses (fused ops or the plain-PyTorch reference), `fused AdamW` where the "
+             "optimizer ran as torch's fused kernel, and `cache` where it used the "
              "teacher-output cache. `wall min`: the stage from loading its models to its final "
              "evaluation."
              + (f" `baseline wall min`: the same stage in the run in `{baseline['run_dir']}`."

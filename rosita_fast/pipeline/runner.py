@@ -61,8 +61,8 @@ class StageOutcome:
     """What the stage trained on (``{"student": "fast", "teacher": "fast"}``)."""
     paths: dict[str, bool] | None = None
     """The fast paths the stage ran with (the ``fast_modules`` and ``fused_losses`` settings,
-    whether the teacher cache was used, and whether the stage ``distils``); ``None`` for runs
-    older than the record."""
+    whether AdamW ran fused and the teacher cache was used, and whether the stage ``distils``);
+    ``None`` for runs older than the record."""
 
 
 @dataclass
@@ -158,7 +158,8 @@ def run_pipeline(
         fast_modules: ``False`` trains every stage on the stock Hugging Face modules (the CLI's
             ``--no-fast-modules``); ``None`` keeps each stage's ``train.fast_modules`` (default on).
         fast_paths: ``False`` turns off everything rosita_fast adds to training (the CLI's
-            ``--no-fast-paths``): stock modules, the plain-PyTorch losses, no teacher cache; the
+            ``--no-fast-paths``): stock modules, the plain-PyTorch losses, torch's default
+            (unfused) AdamW, no teacher cache; the
             baseline that the fast run's wall times are measured against. ``None`` keeps each
             stage's settings.
         compare_to: the output directory of another run of the same recipe (typically the one
@@ -184,7 +185,8 @@ def run_pipeline(
         configs = {name: _with(c, fast_modules=fast_modules) for name, c in configs.items()}
     if fast_paths is not None:
         configs = {name: _with(c, fast_modules=fast_paths, fused_losses=fast_paths,
-                               teacher_cache=fast_paths) for name, c in configs.items()}
+                               fused_optimizer=fast_paths, teacher_cache=fast_paths)
+                   for name, c in configs.items()}
     baseline = None if compare_to is None else read_stage_walls(Path(compare_to), recipe)
     # Read the data before creating anything, so a bad directory leaves no trace.
     train_all = load_split(task, "train", data_path)
@@ -302,8 +304,9 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
 
 def _paths(config, trainer: Trainer) -> dict[str, bool]:
     # The settings, except the cache: what the trainer actually used (none without a teacher).
+    fused_adamw = bool(getattr(trainer.optimizer, "defaults", {}).get("fused"))
     return {"fast_modules": config.fast_modules, "fused_losses": config.fused_losses,
-            "teacher_cache": trainer.teacher_cache is not None,
+            "fused_optimizer": fused_adamw, "teacher_cache": trainer.teacher_cache is not None,
             "distils": trainer.kd.needs_teacher}
 
 

@@ -161,6 +161,11 @@ class TrainConfig:
             (:data:`~rosita_fast.distill.FUSED_FUNCTIONS`: ``kd_logits_loss``, ``hidden_mse_loss``);
             off, the plain-PyTorch losses (:data:`~rosita_fast.distill.REFERENCE_FUNCTIONS`).
             Same values either way.
+        fused_optimizer: run the optimizer's update as torch's fused AdamW kernel (one pass over
+            each parameter's values, moments and gradient; for ``bert_adam`` see
+            :class:`~.bert_adam.BertAdam`'s ``fused``) where every parameter allows it (floating
+            point, on a device torch has the kernel for); off, the per-tensor loops (torch's
+            default AdamW, BertAdam's plain-PyTorch step). The same update up to float rounding.
         teacher_cache: keep the teacher's logits per training example and skip the teacher's
             forward for a batch whose examples all have them (later epochs; later stages with
             the same teacher and data). Used only while the teacher runs without dropout; the
@@ -195,6 +200,7 @@ class TrainConfig:
     progress: bool = True
     fast_modules: bool = True
     fused_losses: bool = True
+    fused_optimizer: bool = True
     teacher_cache: bool = True
     teacher_cache_hidden_mb: int = 0
 

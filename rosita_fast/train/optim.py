@@ -49,7 +49,16 @@ def build_optimizer(
         for group, wd in zip(names, (config.weight_decay, 0.0), strict=True)
     ]
     betas = (config.adam_beta1, config.adam_beta2)
+    fused = config.fused_optimizer and all(_fusable(p) for g in groups for p in g["params"])
     if config.optimizer == "bert_adam":
         return BertAdam(groups, lr=config.learning_rate, betas=betas, eps=config.epsilon,
-                        max_grad_norm=config.max_grad_norm)
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, eps=config.epsilon)
+                        max_grad_norm=config.max_grad_norm, fused=fused)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, eps=config.epsilon,
+                             fused=fused or None)
+
+
+def _fusable(param: torch.Tensor) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return (param.is_floating_point() and type(param) in (torch.Tensor, nn.Parameter)
+            and param.device.type in _get_fused_kernels_supported_devices())

@@ -47,6 +47,7 @@ from ..distill import (
 )
 from ..distill.teacher_cache import TeacherCache, fingerprint
 from .atomic import write_json_atomic
+from .bert_adam import BertAdam
 from .checkpoint import (
     BEST_MODEL_DIR,
     CONFIG_FILE,
@@ -104,7 +105,7 @@ class _IndexedCollate:
 # Options that do not change what is computed; a resumed run may change them.
 # Options that do not change what a run computes (fast modules compute the same function).
 _RESUME_FREE = {"progress", "num_workers", "device", "fast_modules", "fused_losses",
-                "teacher_cache", "teacher_cache_hidden_mb"}
+                "fused_optimizer", "teacher_cache", "teacher_cache_hidden_mb"}
 # 2: importance lives in the pruning schedule's state (one copy, the same on every rank), and
 # is gathered from the DDP-averaged gradient; format-1 checkpoints held per-rank hook sums.
 _STATE_FORMAT = 2
@@ -411,6 +412,10 @@ class Trainer:
             seed_everything(config.seed + self.dist.rank)
             return
         self.optimizer.load_state_dict(state["optimizer"])
+        if isinstance(self.optimizer, BertAdam):
+            # A saved group carries the fused flag of its run; fused_optimizer is resume-free.
+            for group in self.optimizer.param_groups:
+                group["fused"] = self.optimizer.defaults["fused"]
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.selection.load_state_dict(state["selection"])
         self.steps_done, self.epoch = state["step"], state["epoch"]

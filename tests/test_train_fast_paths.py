@@ -1,8 +1,10 @@
-"""``train.fused_losses``: the trainer computes the distillation terms with the fused ops by
-default and with the plain-PyTorch losses when it is off, training to the same model."""
+"""``train.fused_losses`` and ``train.fused_optimizer``: by default the trainer computes the
+distillation terms with the fused ops and updates through the fused optimizer kernel; with both
+off (the plain-PyTorch losses, the per-tensor optimizer loop) it trains to the same model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_train_support import (
     TASK,
@@ -26,13 +28,16 @@ def _trainer(out, **overrides) -> Trainer:
                    task=TASK, collate_fn=collate(), output_dir=out)
 
 
-def test_fused_and_reference_losses_train_to_the_same_model(tmp_path):
+@pytest.mark.parametrize("optimizer", ["bert_adam", "adamw"])
+def test_fused_and_plain_paths_train_to_the_same_model(tmp_path, optimizer):
     with single_thread():
-        fused = _trainer(tmp_path / "fused")
+        fused = _trainer(tmp_path / "fused", optimizer=optimizer)
         fused.run()
-        plain = _trainer(tmp_path / "plain", fused_losses=False)
+        plain = _trainer(tmp_path / "plain", optimizer=optimizer, fused_losses=False,
+                         fused_optimizer=False)
         plain.run()
     assert fused.kd.fn is FUSED_FUNCTIONS and plain.kd.fn is REFERENCE_FUNCTIONS
+    assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
     a, b = state_of(fused.model), state_of(plain.model)
     moved = state_of(tiny_bert(41, dropout=0.0))
     key = "bert.encoder.layer.0.output.dense.weight"
