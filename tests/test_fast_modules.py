@@ -72,6 +72,39 @@ def test_logits_match_stock(arch, kind):
     assert torch.equal(out, again)
 
 
+def _fused_adamw_step(model) -> None:
+    # torch's fused kernel writes the parameters without bumping their version counters.
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in params]
+    torch.optim.AdamW(params, lr=0.05, fused=True).step()
+    assert [p._version for p in params] == versions  # the case the version check cannot see
+
+
+@pytest.mark.parametrize("write", ["fused_adamw", "data"])
+def test_inference_caches_see_writes_that_bypass_version_counters(write):
+    stock, fast, _ = _models("bert", "student")
+    fast.eval()
+    batch = _batch()
+    with torch.no_grad():
+        before = fast(**batch).logits  # fills the caches of fused and packed weights
+    if write == "fused_adamw":
+        _fused_adamw_step(fast)
+    else:
+        with torch.no_grad():
+            for p in fast.parameters():
+                p.data.add_(0.05 * torch.randn_like(p))
+    fast.train()  # the mode switches of a training loop around its update and evaluation
+    fast.eval()
+    stock.load_state_dict(fast.state_dict())
+    stock.eval()
+    with torch.no_grad():
+        out, ref = fast(**batch).logits, stock(**batch).logits
+    assert _rel(out, before) > 1e-3
+    assert _rel(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_match_stock(arch):
     stock, fast, _ = _models(arch, "student", **NO_DROPOUT)

@@ -159,6 +159,13 @@ def test_fused_bert_adam_follows_the_loop_over_many_steps(max_grad_norm):
         assert (x.detach() - x0).abs().max() > 1e-2  # the parameters did move
         torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-5)
     assert opt_fused.state[fused[3]]["step"] == opt_loop.state[loop[3]]["step"] == 16
+    # Like the loop's in-place ops, the fused step bumps the version counters, which caches of
+    # derived weights (the fast modules') check.
+    versions = [p._version for p in fused]
+    for p in fused:
+        p.grad = torch.randn_like(p)
+    opt_fused.step()
+    assert all(p._version > v for p, v in zip(fused, versions, strict=True))
 
 
 def test_fused_bert_adam_needs_floating_point_parameters():

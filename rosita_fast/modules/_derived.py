@@ -5,6 +5,13 @@ A source "changes" when it is replaced (pruning installs new parameter objects),
 (an optimizer step bumps its version counter) or moved/cast (``.to()`` swaps its storage). While
 autograd records, derived tensors are built fresh on every call so gradients flow to the
 parameters; no cache is kept then.
+
+Some in-place writes do not bump the version counter: torch's fused optimizers
+(``AdamW(fused=True)``) and writes through ``.data``. Every switch between training and eval
+mode (``model.train()`` / ``model.eval()``, which is where a training loop hands the weights to
+its evaluation) therefore drops the cache too, and code that writes parameters that way between
+two inference calls without a mode switch calls ``torch.autograd.graph.increment_version`` on
+them (rosita_fast's trainer and fused BertAdam do).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DerivedCache", "has_hooks", "pack_for_inference", "records_grad"]
+__all__ = ["DerivedCache", "DerivedCacheOwner", "has_hooks", "pack_for_inference",
+           "records_grad"]
 
 
 def records_grad(*params: torch.Tensor | None) -> bool:
@@ -81,3 +89,15 @@ def _same(old: tuple, new: tuple) -> bool:
         if a[0]() is not b[0]() or a[1:] != b[1:]:
             return False
     return True
+
+
+class DerivedCacheOwner(torch.nn.Module):
+    """A module with a :class:`DerivedCache` in ``_derived``, dropped on every mode switch (see
+    the module docstring)."""
+
+    _derived: DerivedCache
+
+    def train(self, mode: bool = True):
+        """Switch mode (``nn.Module.train``) and drop the derived tensors."""
+        self._derived.clear()
+        return super().train(mode)

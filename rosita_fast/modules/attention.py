@@ -22,6 +22,7 @@ from torch import nn
 
 from rosita_fast.modules._derived import (
     DerivedCache,
+    DerivedCacheOwner,
     has_hooks,
     pack_for_inference,
     records_grad,
@@ -37,7 +38,7 @@ def _relative(path: str, prefix: str) -> str:
     return path[len(prefix) + 1 :]
 
 
-class PrunedSelfAttention(nn.Module):
+class PrunedSelfAttention(DerivedCacheOwner):
     """Self-attention block with ``H`` heads of width ``head_size`` (any ``H >= 1``).
 
     Build it with :meth:`from_block` from a model's attention block; the block's children are

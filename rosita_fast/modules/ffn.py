@@ -15,6 +15,7 @@ from torch import nn
 
 from rosita_fast.modules._derived import (
     DerivedCache,
+    DerivedCacheOwner,
     has_hooks,
     pack_for_inference,
     records_grad,
@@ -45,7 +46,7 @@ def activation_for(hidden_act) -> str:
     )
 
 
-class FusedFFN(nn.Module):
+class FusedFFN(DerivedCacheOwner):
     """``LayerNorm(x + dropout(W2 act(W1 x + b1) + b2))`` with ``W1``/``W2`` any width.
 
     Children: ``intermediate`` (holds the first linear as ``dense``) and ``output`` (holds

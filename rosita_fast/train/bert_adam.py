@@ -120,6 +120,7 @@ class BertAdam(torch.optim.Optimizer):
                    "amsgrad": False, "maximize": False}
         if group["max_grad_norm"] <= 0:
             torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, **options)
+            torch.autograd.graph.increment_version(params)
             return
         norms = torch._foreach_norm(grads)
         # The kernel divides a gradient by grad_scale: 1 / the clipping factor of its tensor.
@@ -128,6 +129,9 @@ class BertAdam(torch.optim.Optimizer):
         for i in range(len(params)):
             torch._fused_adamw_([params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]], [],
                                 [steps[i]], grad_scale=scales[i], **options)
+        # The kernel writes the parameters without bumping their version counters, which caches
+        # of values derived from them (the fast modules' packed weights) check.
+        torch.autograd.graph.increment_version(params)
 
 
 _STEPS: dict[torch.device, torch.Tensor] = {}

@@ -519,6 +519,11 @@ class Trainer:
         if self.config.optimizer == "adamw" and self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
+        if isinstance(self.optimizer, torch.optim.AdamW) and self.optimizer.defaults.get("fused"):
+            # torch's fused kernel writes the parameters without bumping their version counters,
+            # which the fast modules' caches of derived weights check.
+            torch.autograd.graph.increment_version(
+                [p for g in self.optimizer.param_groups for p in g["params"]])
         self.optimizer.zero_grad(set_to_none=True)
         return result.loss.detach()
 
