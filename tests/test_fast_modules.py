@@ -105,6 +105,21 @@ def test_inference_caches_see_writes_that_bypass_version_counters(write):
     assert _rel(out, ref) < 1e-5
 
 
+def test_setting_the_same_mode_keeps_the_inference_caches():
+    # A teacher is put in eval mode before every forward: that must not repack its weights.
+    _, fast, _ = _models("bert", "student")
+    fast.eval()
+    with torch.no_grad():
+        fast(**_batch())
+    owners = [m for m in fast.modules() if hasattr(m, "_derived")]
+    cached = [dict(m._derived._entries) for m in owners]
+    assert owners and all(cached)
+    fast.eval()
+    assert [m._derived._entries for m in owners] == cached
+    fast.train()
+    assert not any(m._derived._entries for m in owners)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_match_stock(arch):
     stock, fast, _ = _models(arch, "student", **NO_DROPOUT)

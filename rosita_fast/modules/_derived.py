@@ -8,10 +8,11 @@ parameters; no cache is kept then.
 
 Some in-place writes do not bump the version counter: torch's fused optimizers
 (``AdamW(fused=True)``) and writes through ``.data``. Every switch between training and eval
-mode (``model.train()`` / ``model.eval()``, which is where a training loop hands the weights to
-its evaluation) therefore drops the cache too, and code that writes parameters that way between
-two inference calls without a mode switch calls ``torch.autograd.graph.increment_version`` on
-them (rosita_fast's trainer and fused BertAdam do).
+mode (``model.train()`` / ``model.eval()`` that changes the mode; it is where a training loop
+hands the weights to its evaluation) therefore drops the cache too, and code that writes
+parameters that way between two inference calls without a mode switch calls
+``torch.autograd.graph.increment_version`` on them (rosita_fast's trainer and fused BertAdam
+do).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class DerivedCacheOwner(torch.nn.Module):
     _derived: DerivedCache
 
     def train(self, mode: bool = True):
-        """Switch mode (``nn.Module.train``) and drop the derived tensors."""
-        self._derived.clear()
+        """Set the mode (``nn.Module.train``); a switch drops the derived tensors."""
+        # Only a switch: a teacher put in eval mode before every forward keeps its packed weights.
+        if bool(mode) != self.training:
+            self._derived.clear()
         return super().train(mode)
