@@ -170,3 +170,29 @@ def test_mnli_matched_and_mismatched_read_their_own_dev_files(tmp_path):
     assert [(e.text_a, e.text_b, e.label) for e in by_file] == [
         (e.text_a, e.text_b, e.label) for e in mismatched
     ]
+
+
+@pytest.mark.parametrize(("task", "names"), [("sst-2", ("negative", "positive")),
+                                             ("cola", ("unacceptable", "acceptable")),
+                                             ("mnli", ("entailment", "neutral", "contradiction"))])
+def test_a_model_config_gets_the_task_label_names(task, names):
+    from transformers import BertConfig
+
+    spec = get_task(task)
+    config = BertConfig(num_labels=len(names))
+    assert spec.name_labels(config)
+    assert [config.id2label[i] for i in range(len(names))] == list(names)
+    assert config.label2id == {n: i for i, n in enumerate(names)}
+    # Names the user set are theirs; a config with another number of labels is left alone.
+    custom = BertConfig(num_labels=len(names), id2label={i: f"c{i}" for i in range(len(names))})
+    assert not spec.name_labels(custom) and custom.id2label[0] == "c0"
+    other = BertConfig(num_labels=len(names) + 1)
+    assert not spec.name_labels(other) and other.id2label[0] == "LABEL_0"
+
+
+def test_regression_has_no_label_names():
+    from transformers import BertConfig
+
+    config = BertConfig(num_labels=1)
+    assert get_task("sts-b").label_maps() == {}
+    assert not get_task("sts-b").name_labels(config) and config.id2label == {0: "LABEL_0"}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_pipeline_support import tiny_recipe, tiny_setup  # noqa: F401  (fixture)
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import rosita_fast  # noqa: F401  (registers the student models with the Auto classes)
 from rosita_fast.compress import count_parameters
@@ -30,6 +31,10 @@ def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa:
     # The vocabulary shrank to the corpus: the unused tokens of the tiny vocabulary are gone.
     assert "spare" not in tokenizer.get_vocab() and len(tokenizer) == layout.vocab_size < 41
     assert count_parameters(final) == result.stages[-1].num_parameters
+    # The saved student names its classes, so a stock pipeline prints them.
+    assert final.config.id2label == {0: "negative", 1: "positive"}
+    classify = pipeline("text-classification", model=final, tokenizer=tokenizer)
+    assert classify("a good movie")[0]["label"] in {"negative", "positive"}
 
     table = (out / "report.md").read_text(encoding="utf-8")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
@@ -45,6 +50,13 @@ def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa:
     assert data[-1]["ratio"] > 1.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(0.0 <= r["metric"] <= 1.0 for r in data)
+    # What ran: the recipe, every seed and the library versions, in run.json and the report.
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["recipe"] == json.loads(json.dumps(recipe.to_dict()))
+    assert run["seeds"] == {**{s.name: recipe.train_config(s).seed for s in recipe.stages},
+                            "data subset": recipe.data.subset_seed}
+    assert run["versions"]["torch"] == torch.__version__ and "transformers" in run["versions"]
+    assert "## What ran" in table and f"torch {torch.__version__}" in table
 
 
 def test_stop_between_stages_then_resume(tiny_setup):  # noqa: F811

@@ -65,6 +65,29 @@ class GlueTask:
         """Number of model outputs: classes, or 1 for regression."""
         return 1 if self.is_regression else len(self.label_names)
 
+    def label_maps(self) -> dict[str, dict]:
+        """``{"id2label": {0: name, ...}, "label2id": {name: 0, ...}}`` for a model config, so a
+        saved model (and a Hugging Face ``pipeline``) names its classes; empty for regression."""
+        if self.is_regression:
+            return {}
+        return {"id2label": dict(enumerate(self.label_names)),
+                "label2id": {name: i for i, name in enumerate(self.label_names)}}
+
+    def name_labels(self, config) -> bool:
+        """Give a model ``config`` this task's label names if it has none of its own (Hugging
+        Face's ``LABEL_<i>`` placeholders). Returns whether it changed the config; names a user
+        set are kept."""
+        maps = self.label_maps()
+        if not maps or getattr(config, "num_labels", None) != self.num_labels:
+            return False
+        placeholders = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        current = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
+        if current and current != placeholders:
+            return False
+        config.id2label = maps["id2label"]
+        config.label2id = maps["label2id"]
+        return True
+
     @property
     def is_pair(self) -> bool:
         """True when examples have two text fields."""

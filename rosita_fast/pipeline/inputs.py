@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,15 @@ def sample_examples(examples: list[Example], n: int | None, seed: int) -> list[E
     return [examples[i] for i in sorted(order)]
 
 
-def load_model(path: str | Path, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
-    """Load a sequence classifier and its tokenizer; a new classifier is seeded."""
+def load_model(path: str | Path, num_labels: int, seed: int,
+               labels: Mapping[str, dict] | None = None) -> tuple[nn.Module, Any]:
+    """Load a sequence classifier and its tokenizer; a new classifier is seeded. ``labels``:
+    ``id2label``/``label2id`` for the config (``GlueTask.label_maps()``)."""
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForSequenceClassification.from_pretrained(str(path),
-                                                                   num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, **(labels or {}))
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot load a model and tokenizer from {path}: {exc}") from exc
     check_tokenizer_fits_model(tokenizer, model.config, model_name=str(path))

@@ -12,9 +12,11 @@ recipe (typically with the fast paths off), the baseline's wall time per stage b
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ from ..data import Example, GlueTask
 from ..models import model_layout
 from .recipe import Recipe
 
-__all__ = ["describe_layout", "measure_latencies", "measure_latency", "write_report"]
+__all__ = ["describe_layout", "measure_latencies", "measure_latency", "provenance",
+           "write_report"]
 
 _WARMUP = 5
 
@@ -117,7 +120,8 @@ def _trained_on(outcome: Any) -> str:
 def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
                  log: Callable[[str], None] = print,
                  baseline: dict[str, Any] | None = None) -> Path:
-    """Write ``report.md``, ``report.json`` and ``report.png`` into the pipeline's directory.
+    """Write ``report.md``, ``report.json``, ``report.png`` and ``run.json`` (the recipe, seeds
+    and library versions: :func:`provenance`) into the pipeline's directory.
 
     Args:
         recipe: the recipe that ran.
@@ -176,14 +180,35 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         base_total = sum(v["wall_seconds"] for v in base.values()) / 60
         total += (f"; baseline {base_total:.1f} min ({base_total / total_wall:.2f}× as long)"
                   if total_wall else f"; baseline {base_total:.1f} min")
+    run = provenance(recipe)
     lines += ["", total + ".", "",
-              "![metric vs parameters](report.png)", ""]
+              "![metric vs parameters](report.png)", "",
+              "## What ran", "",
+              f"Recipe `{recipe.name}` (in full in `run.json` and `pipeline.json`); seeds: "
+              + ", ".join(f"{k} {v}" for k, v in run["seeds"].items()) + "; "
+              + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ".", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (out / "run.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
     _plot(rows, teacher_name, metric, out / "report.png", f"{recipe.name} on {task.name}")
     log("\n".join(lines))
     return report
+
+
+def provenance(recipe: Recipe) -> dict[str, Any]:
+    """What a run needs to be repeated: the recipe (plain data), every seed it uses (each
+    stage's training seed and the data sampling seed) and the versions of the libraries that
+    decide its numbers."""
+    seeds = {f"{spec.name}": recipe.train_config(spec).seed for spec in recipe.stages}
+    seeds["data subset"] = recipe.data.subset_seed
+    versions = {"python": platform.python_version()}
+    for dist in ("rosita_fast", "torch", "transformers", "numpy", "tokenizers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return {"recipe": recipe.to_dict(), "seeds": seeds, "versions": versions}
 
 
 def _baseline_cells(row: dict[str, Any]) -> str:

@@ -114,7 +114,8 @@ def _prepare_output(output_dir: Path, state: _State, *, overwrite: bool, resume:
             raise PipelineError(f"{output_dir} already holds a pipeline run; pass --overwrite to "
                                 "replace it or --resume to continue it")
         # Only what a pipeline writes is removed; anything else the user put there stays.
-        for name in (STAGES_DIR, "data", "report.md", "report.png", "report.json", STATE_FILE):
+        for name in (STAGES_DIR, "data", "report.md", "report.png", "report.json", "run.json",
+                     STATE_FILE):
             target = output_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -262,11 +263,11 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     start = time.time()
     stage_dir = output_dir / STAGES_DIR / spec.name
     init = model_source if spec.init == PRETRAINED else _stage_model_dir(output_dir, spec.init)
-    student, tokenizer = load_model(init, task.num_labels, config.seed)
+    student, tokenizer = load_model(init, task.num_labels, config.seed, task.label_maps())
     teacher = teacher_tok = None
     if spec.teacher is not None:
         teacher, teacher_tok = load_model(_stage_model_dir(output_dir, spec.teacher),
-                                          task.num_labels, config.seed)
+                                          task.num_labels, config.seed, task.label_maps())
     examples = _training_examples(recipe, spec, task, train, output_dir, log)
     corpus = None
     if spec.vocabulary == "corpus":

@@ -312,6 +312,8 @@ class Trainer:
             if not self.task.is_regression and model.config.num_labels != self.task.num_labels:
                 raise TrainConfigError(f"the model has {model.config.num_labels} labels, task "
                                        f"{self.task.name} {self.task.num_labels}")
+            # The saved model names its classes (negative/positive, not LABEL_0/LABEL_1).
+            self.task.name_labels(model.config)
         else:
             self.metric = None
         if eval_data is not None and len(eval_data) == 0:
