@@ -65,7 +65,7 @@ def tiny_recipe(model: Path, **changes: Any) -> dict[str, Any]:
         "name": "tiny-rosita",
         "task": "sst-2",
         "model": str(model),
-        "data": {"max_length": 16},
+        "data": {"max_length": 16, "validation_size": 32},
         "report": {"latency_sentences": 5},
         "stages": [
             {"name": "teacher", "kind": "finetune",

@@ -29,7 +29,7 @@ from .errors import PipelineError
 from .recipe import AugmentSpec
 
 __all__ = ["default_data_dir", "load_model", "load_split", "prepare_models", "resolve_model",
-           "sample_examples", "augmented_examples"]
+           "sample_examples", "augmented_examples", "validation_split"]
 
 BUNDLED_MINILM = "minilm"
 
@@ -78,6 +78,42 @@ def sample_examples(examples: list[Example], n: int | None, seed: int) -> list[E
         return examples
     order = np.random.default_rng(seed).permutation(len(examples))[:n]
     return [examples[i] for i in sorted(order)]
+
+
+def validation_split(examples: list[Example], size: int, seed: int,
+                     is_regression: bool = False) -> tuple[list[Example], list[Example]]:
+    """``(rest, validation)``: ``size`` examples drawn with ``seed``, stratified by label (each
+    label keeps its share, rounded so the shares add up to ``size``; regression: a plain draw),
+    and the others, both in their original order. ``size == 0``: ``(examples, [])``.
+
+    Raises:
+        PipelineError: ``size`` leaves fewer than half of the examples for training.
+    """
+    if size == 0:
+        return examples, []
+    if 2 * size > len(examples):
+        raise PipelineError(f"a validation split of {size} rows leaves too little of the "
+                            f"{len(examples)} training examples (set data.validation_size)")
+    rng = np.random.default_rng(seed)
+    if is_regression:
+        chosen = set(rng.permutation(len(examples))[:size].tolist())
+    else:
+        by_label: dict[Any, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_label.setdefault(ex.label, []).append(i)
+        labels = sorted(by_label, key=str)
+        exact = [size * len(by_label[k]) / len(examples) for k in labels]
+        counts = [int(x) for x in exact]
+        # Largest remainders get the rows the rounding down left over.
+        for j in sorted(range(len(labels)), key=lambda j: counts[j] - exact[j])[
+                : size - sum(counts)]:
+            counts[j] += 1
+        chosen = set()
+        for label, count in zip(labels, counts, strict=True):
+            idx = by_label[label]
+            chosen.update(idx[i] for i in rng.permutation(len(idx))[:count].tolist())
+    rest = [ex for i, ex in enumerate(examples) if i not in chosen]
+    return rest, [ex for i, ex in enumerate(examples) if i in chosen]
 
 
 def load_model(path: str | Path, num_labels: int, seed: int,

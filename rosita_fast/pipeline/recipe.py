@@ -86,6 +86,12 @@ class DataSpec:
             are unchanged.
         augment: augmentation settings, or ``None``: then ``data: augmented`` stages train on
             the original data (a documented substitution).
+        validation_size: rows carved from the training data (stratified by label, seeded by
+            ``validation_seed``) that select every stage's checkpoint and stop it early; no
+            stage trains on them, and dev is evaluated once per stage, on the selected model.
+            ``None``: a tenth of the training data, at most 1,000 rows. ``0``: no split, the
+            stages select on dev (an optimistic dev figure; the report says so).
+        validation_seed: seed of the validation split.
     """
 
     max_length: int | None = None
@@ -93,9 +99,13 @@ class DataSpec:
     subset_seed: int = 42
     group_by_length: bool = True
     augment: AugmentSpec | None = None
+    validation_size: int | None = None
+    validation_seed: int = 42
 
     def __post_init__(self) -> None:
         _typecheck(self, "data")
+        if self.validation_size is not None and self.validation_size < 0:
+            raise RecipeError(f"data.validation_size must be >= 0; got {self.validation_size}")
         for name in ("max_length", "train_subset"):
             value = getattr(self, name)
             if value is not None and value < (3 if name == "max_length" else 1):

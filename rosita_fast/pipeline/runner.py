@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoModelForSequenceClassification
+
 from ..data import DynamicPaddingCollator, GlueTask, encode_examples, get_task
 from ..distill.teacher_cache import TeacherCache
 from ..train import Trainer, TrainResult
 from ..train.atomic import write_json_atomic
+from ..train.evaluation import evaluate
 from .batching import LengthGroupedChunks, flatten_collator, length_sorted
 from .errors import PipelineError
 from .inputs import (
@@ -36,6 +39,7 @@ from .inputs import (
     prepare_models,
     resolve_model,
     sample_examples,
+    validation_split,
 )
 from .preflight import check_schedules
 from .recipe import PRETRAINED, Recipe, StageSpec
@@ -63,6 +67,14 @@ class StageOutcome:
     """The fast paths the stage ran with (the ``fast_modules`` and ``fused_losses`` settings,
     whether AdamW ran fused and the teacher cache was used, and whether the stage ``distils``);
     ``None`` for runs older than the record."""
+    dev_metric: float | None = None
+    """The selected model's dev score (``metric``), evaluated once after the stage; with a
+    validation split ``best_metric`` is the validation score it was selected by, without one
+    both are the dev score."""
+    selected_on: str = "dev"
+    """Where the checkpoint was selected: ``"validation"`` or ``"dev"``."""
+    validation_rows: int = 0
+    """Rows of the validation split (0 without one)."""
 
 
 @dataclass
@@ -192,6 +204,12 @@ def run_pipeline(
     # Read the data before creating anything, so a bad directory leaves no trace.
     train_all = load_split(task, "train", data_path)
     dev = load_split(task, "dev", data_path)
+    # The validation rows come out before any sampling: no stage ever trains on them.
+    size = recipe.data.validation_size
+    if size is None:
+        size = min(1000, len(train_all) // 10)
+    train_all, validation = validation_split(train_all, size, recipe.data.validation_seed,
+                                             task.is_regression)
     train = sample_examples(train_all, recipe.data.train_subset, recipe.data.subset_seed)
     check_schedules(recipe, configs, _model_config(model_source), len(train))
     identity = {"recipe": recipe.to_dict(), "data": _describe_source(data_path, task),
@@ -209,7 +227,7 @@ def run_pipeline(
             log(f"[{spec.name}] already finished: {outcome.metric} {outcome.best_metric}")
         else:
             outcome = _run_stage(recipe, spec, configs[spec.name], task, train, dev,
-                                 output_dir, model_source, state, resume=resume,
+                                 validation, output_dir, model_source, state, resume=resume,
                                  progress=progress, log=log, teacher_cache=teacher_cache)
         result.stages.append(outcome)
         if spec.name == stop_after and spec is not recipe.stages[-1]:
@@ -234,9 +252,12 @@ def _model_config(source: str) -> Any:
 
 def _outcome_from_record(name: str, record: dict[str, Any]) -> StageOutcome:
     r = record["result"]
+    # Records written before the validation split selected and scored on dev.
     return StageOutcome(name, Path(r["model_dir"]), r["metric"], r["best_metric"],
                         r["num_parameters"], r["steps"], record.get("wall_seconds", 0.0),
-                        r.get("fast_modules", {}), record.get("paths"))
+                        r.get("fast_modules", {}), record.get("paths"),
+                        record.get("dev_metric", r["best_metric"]),
+                        record.get("selected_on", "dev"), record.get("validation_rows", 0))
 
 
 def _stage_model_dir(output_dir: Path, name: str) -> Path:
@@ -257,8 +278,8 @@ def _training_examples(recipe: Recipe, spec: StageSpec, task: GlueTask, train: l
 
 
 def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: list, dev: list,
-               output_dir: Path, model_source: str, state: _State, *, resume: bool,
-               progress: bool, log: Callable[[str], None],
+               validation: list, output_dir: Path, model_source: str, state: _State, *,
+               resume: bool, progress: bool, log: Callable[[str], None],
                teacher_cache: TeacherCache | None = None) -> StageOutcome:
     start = time.time()
     stage_dir = output_dir / STAGES_DIR / spec.name
@@ -277,6 +298,9 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     max_length = recipe.data.max_length
     train_data = encode_examples(examples, tokenizer, task, max_length=max_length)
     dev_data = length_sorted(encode_examples(dev, tokenizer, task, max_length=max_length))
+    # Selection (and early stopping) on the validation split; dev only scores the selected model.
+    select_data = dev_data if not validation else length_sorted(
+        encode_examples(validation, tokenizer, task, max_length=max_length))
     collate = DynamicPaddingCollator.for_tokenizer(tokenizer)
     if recipe.data.group_by_length:
         # One chunk per step: the trainer's batch then counts chunks, not sentences.
@@ -289,18 +313,36 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     log(f"[{spec.name}] {len(examples)} training examples, init {spec.init}, teacher "
         f"{spec.teacher}, {config.max_steps or 'epochs=' + str(config.epochs)} steps")
     trainer = Trainer(config, model=student, teacher=teacher, tokenizer=tokenizer,
-                      task=task, train_data=train_data, eval_data=dev_data,
+                      task=task, train_data=train_data, eval_data=select_data,
                       output_dir=stage_dir, collate_fn=collate_fn,
                       resume=resume and stage_dir.exists(), overwrite=False,
                       teacher_cache=teacher_cache)
     stage_result: TrainResult = trainer.run()
+    selected_on = "validation" if validation else "dev"
+    dev_score = stage_result.best_metric
+    if validation:
+        dev_score = _score(stage_result.model_dir, dev_data, collate, task, config,
+                           trainer.device)
     wall = time.time() - start + state.stages.get(spec.name, {}).get("wall_seconds", 0.0)
     state.stages[spec.name] = {"done": True, "result": stage_result.to_dict(),
-                               "wall_seconds": round(wall, 1), "paths": _paths(config, trainer)}
+                               "wall_seconds": round(wall, 1), "paths": _paths(config, trainer),
+                               "dev_metric": dev_score, "selected_on": selected_on,
+                               "validation_rows": len(validation)}
     state.save()
     log(f"[{spec.name}] done in {wall / 60:.1f} min: {stage_result.metric} "
-        f"{stage_result.best_metric}, {stage_result.num_parameters:,} parameters")
+        f"{stage_result.best_metric} ({selected_on}), dev {dev_score}, "
+        f"{stage_result.num_parameters:,} parameters")
     return _outcome_from_record(spec.name, state.stages[spec.name])
+
+
+def _score(model_dir: Path, data, collate, task: GlueTask, config, device) -> float:
+    # The selected model's main metric on ``data`` (dev), evaluated once, in eval mode.
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(device)
+    batch = config.eval_batch_size
+    batches = (collate([data[j] for j in range(i, min(i + batch, len(data)))])
+               for i in range(0, len(data), batch))
+    metrics = evaluate(model, batches, task, device)
+    return float(metrics[config.metric or task.main_metric])
 
 
 def _paths(config, trainer: Trainer) -> dict[str, bool]:
