@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +115,14 @@ def validation_split(examples: list[Example], size: int, seed: int,
     return rest, [ex for i, ex in enumerate(examples) if i in chosen]
 
 
-def load_model(path: str | Path, num_labels: int, seed: int,
-               labels: Mapping[str, dict] | None = None) -> tuple[nn.Module, Any]:
-    """Load a sequence classifier and its tokenizer; a new classifier is seeded. ``labels``:
-    ``id2label``/``label2id`` for the config (``GlueTask.label_maps()``)."""
+def load_model(path: str | Path, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
+    """Load a sequence classifier and its tokenizer; a new classifier is seeded (the trainer
+    gives it the task's label names)."""
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, **(labels or {}))
+        model = AutoModelForSequenceClassification.from_pretrained(str(path),
+                                                                   num_labels=num_labels)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot load a model and tokenizer from {path}: {exc}") from exc
     check_tokenizer_fits_model(tokenizer, model.config, model_name=str(path))

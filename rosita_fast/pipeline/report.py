@@ -215,7 +215,7 @@ def provenance(recipe: Recipe) -> dict[str, Any]:
     """What a run needs to be repeated: the recipe (plain data), every seed it uses (each
     stage's training seed and the data sampling seed) and the versions of the libraries that
     decide its numbers."""
-    seeds = {f"{spec.name}": recipe.train_config(spec).seed for spec in recipe.stages}
+    seeds = {spec.name: recipe.train_config(spec).seed for spec in recipe.stages}
     seeds["data subset"] = recipe.data.subset_seed
     versions = {"python": platform.python_version()}
     for dist in ("rosita_fast", "torch", "transformers", "numpy", "tokenizers"):

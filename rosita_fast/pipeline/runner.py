@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
 from ..data import DynamicPaddingCollator, GlueTask, encode_examples, get_task
@@ -284,11 +285,11 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     start = time.time()
     stage_dir = output_dir / STAGES_DIR / spec.name
     init = model_source if spec.init == PRETRAINED else _stage_model_dir(output_dir, spec.init)
-    student, tokenizer = load_model(init, task.num_labels, config.seed, task.label_maps())
+    student, tokenizer = load_model(init, task.num_labels, config.seed)
     teacher = teacher_tok = None
     if spec.teacher is not None:
         teacher, teacher_tok = load_model(_stage_model_dir(output_dir, spec.teacher),
-                                          task.num_labels, config.seed, task.label_maps())
+                                          task.num_labels, config.seed)
     examples = _training_examples(recipe, spec, task, train, output_dir, log)
     corpus = None
     if spec.vocabulary == "corpus":
@@ -338,9 +339,8 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
 def _score(model_dir: Path, data, collate, task: GlueTask, config, device) -> float:
     # The selected model's main metric on ``data`` (dev), evaluated once, in eval mode.
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(device)
-    batch = config.eval_batch_size
-    batches = (collate([data[j] for j in range(i, min(i + batch, len(data)))])
-               for i in range(0, len(data), batch))
+    batches = DataLoader(data, batch_size=config.eval_batch_size, shuffle=False,
+                         collate_fn=collate)
     metrics = evaluate(model, batches, task, device)
     return float(metrics[config.metric or task.main_metric])
 
