@@ -9,8 +9,9 @@ fakes, dispatch by backend, the no-grad fast path). Backends: ``reference`` (pla
 
 Public entry points (stable): :func:`lowrank_linear`, :func:`attention`, :func:`linear_act`,
 :func:`linear_residual_layernorm` (and :func:`pack_linear_weight`, the prepacked weight the last
-two take), :func:`embedding_layernorm`, :func:`kd_logits_loss`, :func:`fused_linear_kd_loss`,
-:func:`hidden_mse_loss`. :data:`OPS` lists every public op and its backends.
+two take, with :func:`packing_supported`), :func:`embedding_layernorm`, :func:`kd_logits_loss`,
+:func:`fused_linear_kd_loss`, :func:`hidden_mse_loss`. :data:`OPS` lists every public op and its
+backends.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rosita_fast.ops.embedding_layernorm import embedding_layernorm
 from rosita_fast.ops.fused_linear_kd_loss import fused_linear_kd_loss
 from rosita_fast.ops.hidden_mse_loss import hidden_mse_loss
 from rosita_fast.ops.kd_logits_loss import kd_logits_loss
-from rosita_fast.ops.linear_act import linear_act, pack_linear_weight
+from rosita_fast.ops.linear_act import linear_act, pack_linear_weight, packing_supported
 from rosita_fast.ops.linear_residual_layernorm import linear_residual_layernorm
 from rosita_fast.ops.lowrank_linear import lowrank_linear
 
@@ -42,6 +43,7 @@ __all__ = [
     "linear_residual_layernorm",
     "lowrank_linear",
     "pack_linear_weight",
+    "packing_supported",
 ]
 
 #: The public ops and the backends each one implements.

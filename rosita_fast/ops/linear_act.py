@@ -223,6 +223,21 @@ _TRAIN.register_autograd(_backward, _setup_context)
 # ---- packed weights -----------------------------------------------------------------------------
 
 
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether :func:`pack_linear_weight` packs a weight of ``dtype`` on this machine: the C++
+    extension is built, torch has oneDNN, and oneDNN serves the GEMM dtype on this CPU (bf16
+    needs AVX512-BF16/AMX or AVX512 support that many AMD and older Intel CPUs lack)."""
+    from rosita_fast._extension import HAS_CPP
+
+    if not HAS_CPP or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype in (torch.float32, torch.float16):
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 64) -> torch.Tensor | None:
     """The oneDNN-prepacked form of a ``[out_features, in_features]`` weight, for the ``packed``
     argument of :func:`linear_act` and ``linear_residual_layernorm``, or None where the C++
@@ -236,8 +251,6 @@ def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 64) -> torch.Tens
     (a call that records autograd, or traced by ``torch.compile``, ignores it) and only the C++
     backend uses it (the reference ignores it).
     """
-    from rosita_fast._extension import HAS_CPP
-
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("pack_linear_weight: weight must be a 2-D [out_features, in_features] "
                          "tensor")
@@ -245,16 +258,11 @@ def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 64) -> torch.Tens
         raise ValueError(
             f"pack_linear_weight: batch_hint must be a positive int, got {batch_hint!r}"
         )
-    if (not HAS_CPP or not torch.backends.mkldnn.is_available() or not weight.is_cpu
-            or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-            or weight.numel() == 0):
+    if not weight.is_cpu or weight.numel() == 0 or not packing_supported(weight.dtype):
         return None
     with torch.no_grad():
         w = weight.detach().to(gemm_dtype(weight.dtype)).contiguous()
-        try:
-            return torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
-        except RuntimeError:  # a dtype oneDNN does not serve on this CPU (e.g. bf16 without AVX512)
-            return None
+        return torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
 
 
 # ---- public entry point -------------------------------------------------------------------------
