@@ -73,6 +73,26 @@ def offsets_2d(rows, cols, stride_r, stride_c):
     return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
 
 
+@triton.jit
+def dropout_keep(seed, rows, cols, threshold):
+    """Keep decisions (bool) of the elements at ``rows[:, None]`` x ``cols[None, :]``: the
+    counter-based dropout hash of ``rosita_fast/ops/_dropout.py`` (the ground truth), bit for bit.
+    ``seed`` and ``threshold`` are int32/uint32 kernel arguments (mark ``seed`` do_not_specialize:
+    every launch has a new one)."""
+    key = _dropout_mix(rows.to(tl.uint32) * 0x61C88647 + seed.to(tl.uint32))
+    h = _dropout_mix(key[:, None] ^ (cols.to(tl.uint32) * 0x27D4EB2F)[None, :])
+    return (h >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _dropout_mix(x):
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot`` for operands of ``dtype``.
 

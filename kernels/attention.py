@@ -35,6 +35,17 @@ Backward, the standard two kernels (plus nothing else: the ``delta`` preprocess 
 ``dq``, ``dk`` and ``dv`` are returned as ``[B, H, L, D]`` views of ``[B, L, H, D]`` buffers, like
 ``out``.
 
+Dropout (training, ``dropout_p > 0``): the counter-based dropout of ``rosita_fast.ops._dropout``
+(:func:`~rosita_fast.kernels._common.dropout_keep`, bit for bit the reference's) on the
+probabilities, element (b, h, query i, key j) at row ``(b * H + h) * Lq + i``, column ``j``;
+``Z = keep * scale``. The forward multiplies ``P Z`` into ``v`` while ``l`` (hence ``lse``) sums
+the undropped ``P``; the backward regenerates ``Z`` per tile: ``dV += (P Z)^T dO``,
+``dP = (dO v^T) Z``, ``dS = P (dP - delta)`` (``delta = rowsum(dO * O)`` of the dropped output is
+still ``rowsum(P dP)``). ``DROPOUT`` is a constexpr, so dropout-free launches compile exactly the
+code they did without it; the seed (int32: the 32-bit seed's bits) and the threshold are
+``do_not_specialize`` runtime arguments, so every seed and probability shares one compiled
+variant.
+
 Mask, bias and bias-gradient are runtime flags (uniform branches; the key mask is a
 ``BLOCK_N``-element load per block), so they do not multiply the compiled variants; the bias's
 pointer type does (q's dtype or float32).
@@ -61,6 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rosita_fast.ops._dropout import dropout_scale, dropout_threshold
+
 from ._common import (
     DTYPES,
     TL_DTYPES,
@@ -68,6 +81,7 @@ from ._common import (
     LaunchSpec,
     TileConfig,
     dot_precision,
+    dropout_keep,
     empty,
     load_tile,
     offsets_2d,
@@ -123,7 +137,7 @@ def _lse_base2(ptrs, valid):
     return lse * 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["H", "M_BLOCKS", "HAS_MASK", "HAS_BIAS"])
+@triton.jit(do_not_specialize=["H", "M_BLOCKS", "HAS_MASK", "HAS_BIAS", "seed", "drop_threshold"])
 def attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, out_ptr, lse_ptr,
     H, LQ, LK, HEAD_DIM, M_BLOCKS, scale,
@@ -133,12 +147,13 @@ def attention_fwd_kernel(
     stride_maskb, stride_maskn,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_ob, stride_oh, stride_om, stride_od,
-    HAS_MASK, HAS_BIAS,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK, HAS_BIAS, seed, drop_threshold, drop_scale,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program ``pid = bh * M_BLOCKS + query block`` (a 1-D grid: no 65535 limit on B x H;
-    neighbouring programs share a head's keys and values)."""
+    neighbouring programs share a head's keys and values). DROPOUT: ``P Z`` goes into the
+    product with v, the undropped ``P`` into ``l``."""
     pid = tl.program_id(0)
     pid_m = pid % M_BLOCKS
     pid_bh = pid // M_BLOCKS
@@ -157,6 +172,7 @@ def attention_fwd_kernel(
     bias_base = bias_ptr + b * stride_biasb + h * stride_biash
     mask_base = mask_ptr + b * stride_maskb
     qk_scale = scale * 1.4426950408889634
+    drop_rows = pid_bh.to(tl.int64) * LQ + offs_m  # the dropout hash's row coordinates
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -178,6 +194,9 @@ def attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = dropout_keep(seed, drop_rows, offs_n, drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
@@ -193,7 +212,7 @@ def attention_fwd_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=m_valid)
 
 
-@triton.jit(do_not_specialize=["H", "M_BLOCKS", "HAS_MASK", "HAS_BIAS"])
+@triton.jit(do_not_specialize=["H", "M_BLOCKS", "HAS_MASK", "HAS_BIAS", "seed", "drop_threshold"])
 def attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     H, LQ, LK, HEAD_DIM, M_BLOCKS, scale,
@@ -205,12 +224,13 @@ def attention_bwd_dq_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    HAS_MASK, HAS_BIAS,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK, HAS_BIAS, seed, drop_threshold, drop_scale,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program ``bh * M_BLOCKS + query block``: delta = rowsum(dO * O) (stored for the dK/dV
-    kernel, launched after this one), then dq over every key block."""
+    kernel, launched after this one), then dq over every key block (DROPOUT: with
+    ``dP = (dO v^T) Z``)."""
     pid = tl.program_id(0)
     pid_m = pid % M_BLOCKS
     pid_bh = pid // M_BLOCKS
@@ -254,6 +274,9 @@ def attention_bwd_dq_kernel(
         )
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, row, offs_n, drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     dq = dq * scale
@@ -265,7 +288,8 @@ def attention_bwd_dq_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["H", "N_BLOCKS", "HAS_MASK", "HAS_BIAS", "BIAS_GRAD"])
+@triton.jit(do_not_specialize=["H", "N_BLOCKS", "HAS_MASK", "HAS_BIAS", "BIAS_GRAD", "seed",
+                               "drop_threshold"])
 def attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dbias_ptr,
@@ -278,12 +302,13 @@ def attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HAS_MASK, HAS_BIAS, BIAS_GRAD,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK, HAS_BIAS, BIAS_GRAD, seed, drop_threshold, drop_scale,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program ``bh * N_BLOCKS + key block``: dk and dv of its keys over every query block, and
-    (BIAS_GRAD) ``dS`` of each tile into the contiguous fp32 ``dbias [B, H, LQ, LK]``."""
+    (BIAS_GRAD) ``dS`` of each tile into the contiguous fp32 ``dbias [B, H, LQ, LK]``. DROPOUT:
+    dv takes ``P Z``, ``dP = (dO v^T) Z``."""
     pid = tl.program_id(0)
     pid_n = pid % N_BLOCKS
     pid_bh = pid // N_BLOCKS
@@ -324,9 +349,16 @@ def attention_bwd_dkdv_kernel(
             stride_biasm, stride_biasn, stride_maskn, HAS_MASK, HAS_BIAS, PRECISION,
         )
         p = tl.math.exp2(s - lse2[:, None])
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        if DROPOUT:
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            keep = dropout_keep(seed, row_base + offs_m, offs_n, drop_threshold)
+            ds = p * (tl.where(keep, dp * drop_scale, 0.0) - delta[:, None])
+            pz = tl.where(keep, p * drop_scale, 0.0)
+            dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=PRECISION)
+        else:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
         if BIAS_GRAD:
             tl.store(
                 dbias_base + offsets_2d(offs_m, offs_n, LK, 1),
@@ -355,8 +387,10 @@ def attention_bwd_dkdv_kernel(
 # the lowering tests compile each ahead of time. Keyed by (fp32 operands, head tile); chosen (by
 # the resource usage of the compiled cubins, without a GPU to time them) for no register spills in
 # the contig variants on sm_80 and sm_90, except on sm_80 for fp16/bf16 at D64: dk/dv (32-40 bytes
-# of stack) and dq with a float32 bias (112 bytes). The generic variants (nothing folded: every
-# element address computed apart) spill more; real launches always fold q/k/v's unit inner
+# of stack) and dq with a float32 bias (112 bytes). The dropout variants (the same tiles: the hash
+# is integer work on the score tile) spill there a little more: dk/dv 104 bytes, dq 32 (128 with a
+# float32 bias); none elsewhere (cuobjdump resource usage). The generic variants (nothing folded:
+# every element address computed apart) spill more; real launches always fold q/k/v's unit inner
 # stride. fp32 operands take three TF32 products each (tf32x3: operands split in high and low
 # parts) and twice the shared memory per tile: much smaller tiles. block_k is the head tile.
 # ----------------------------------------------------------------------------------------------
@@ -489,17 +523,34 @@ def _mask_bias_args(q, k, mask, bias) -> dict:
     return {**mask_args, **bias_args}
 
 
-def _common_args(q, k, v, mask, bias, scale, upcast: bool, block_d: int) -> dict:
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    """The dropout arguments: the DROPOUT constexpr and the runtime seed (the 32-bit seed's bits
+    as an int32, the type the JIT gives every seed), threshold and scale (without dropout: values
+    that are never read, of the same types)."""
+    if dropout_p == 0:
+        return dict(seed=0, drop_threshold=0, drop_scale=1.0, DROPOUT=False)
+    seed = int(seed) & 0xFFFFFFFF
+    return dict(
+        seed=seed - (1 << 32) if seed >= 1 << 31 else seed,
+        drop_threshold=dropout_threshold(dropout_p), drop_scale=float(dropout_scale(dropout_p)),
+        DROPOUT=True,
+    )
+
+
+def _common_args(q, k, v, mask, bias, scale, upcast: bool, block_d: int, dropout_p: float,
+                 seed: int) -> dict:
     b, h, lq, d = q.shape
     return dict(
         H=h, LQ=lq, LK=k.shape[2], HEAD_DIM=d, scale=float(scale),
         **_strides("q", q), **_kv_strides("k", k), **_kv_strides("v", v),
-        **_mask_bias_args(q, k, mask, bias),
+        **_mask_bias_args(q, k, mask, bias), **_dropout_args(dropout_p, seed),
         UPCAST=upcast, PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
     )
 
 
-def _check(q, k, v, mask, bias) -> None:
+def _check(q, k, v, mask, bias, dropout_p: float = 0.0) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
     if q.dtype not in DTYPES:
         raise TypeError(
             f"the Triton attention kernels support {', '.join(map(str, DTYPES))}; got {q.dtype} "
@@ -525,21 +576,23 @@ def _bhld_empty(b: int, h: int, length: int, d: int, dtype, device) -> torch.Ten
     return empty((b, length, h, d), dtype, device).transpose(1, 2)
 
 
-def _forward_launch(q, k, v, mask, bias, scale, out, lse, upcast: bool, block) -> Launch:
+def _forward_launch(q, k, v, mask, bias, scale, out, lse, upcast: bool, block,
+                    dropout_p: float = 0.0, seed: int = 0) -> Launch:
     b, h, lq, d = q.shape
     block_d = head_tile(d)
     cfg = _tiles(q.dtype, block_d, block).fwd
     m_blocks = triton.cdiv(lq, cfg.block_m)
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, lse_ptr=lse, M_BLOCKS=m_blocks,
-        **_common_args(q, k, v, mask, bias, scale, upcast, block_d),
+        **_common_args(q, k, v, mask, bias, scale, upcast, block_d, dropout_p, seed),
         **_strides("o", out), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
     )
     return Launch(attention_fwd_kernel, (m_blocks * b * h,), args, cfg)
 
 
 def _backward_launches(
-    grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad: bool, upcast: bool, block
+    grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad: bool, upcast: bool, block,
+    dropout_p: float = 0.0, seed: int = 0,
 ) -> tuple[Launch, Launch, dict[str, torch.Tensor | None]]:
     """The dq launch (first: it writes delta) and the dk/dv launch, and the buffers they write."""
     b, h, lq, d = q.shape
@@ -554,7 +607,7 @@ def _backward_launches(
         "delta": empty((b, h, lq), torch.float32, device),
         "dbias": empty((b, h, lq, lk), torch.float32, device) if bias_needs_grad else None,
     }
-    common = _common_args(q, k, v, mask, bias, scale, upcast, block_d)
+    common = _common_args(q, k, v, mask, bias, scale, upcast, block_d, dropout_p, seed)
     cfg = tiles.dq
     m_blocks = triton.cdiv(lq, cfg.block_m)
     dq_args = dict(
@@ -590,6 +643,8 @@ def attention_train(
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
     *,
     block: int | None = None,
     upcast: bool | None = None,
@@ -597,18 +652,21 @@ def attention_train(
     """``(out, lse)``: the attention output (``[B, H, Lq, D]``, memory layout ``[B, Lq, H, D]``,
     q's dtype) and the float32 ``[B, H, Lq]`` natural log-sum-exp of each query row's scores,
     ``-inf`` for a row whose keys are all masked (its output is 0; see the module docstring).
+    ``dropout_p`` (in ``[0, 1)``) and ``seed`` (taken modulo 2^32): the probabilities' dropout
+    (see the module docstring); ``lse`` is the undropped softmax's.
 
     ``block`` forces ``BLOCK_M = BLOCK_N`` (default: the launch table, or :func:`forced_block`);
     ``upcast`` forces the fp32-operand path for fp16/bf16 (default: exactly under the
     interpreter). Both exist for tests; the op layer uses the defaults.
     """
-    _check(q, k, v, mask, bias)
+    _check(q, k, v, mask, bias, dropout_p)
     b, h, lq, d = q.shape
     out = _bhld_empty(b, h, lq, d, q.dtype, q.device)
     lse = empty((b, h, lq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    _forward_launch(q, k, v, mask, bias, scale, out, lse, _upcast(q.dtype, upcast), block)()
+    _forward_launch(q, k, v, mask, bias, scale, out, lse, _upcast(q.dtype, upcast), block,
+                    dropout_p, seed)()
     return out, lse
 
 
@@ -623,8 +681,8 @@ def attention_forward(
     block: int | None = None,
     upcast: bool | None = None,
 ) -> torch.Tensor:
-    """The attention output alone (see :func:`attention_train`; the same kernel, its ``lse``, a
-    ``[B, H, Lq]`` float32 vector, is dropped)."""
+    """The attention output alone, without dropout (see :func:`attention_train`; the same
+    kernel, its ``lse``, a ``[B, H, Lq]`` float32 vector, is dropped)."""
     return attention_train(q, k, v, mask, bias, scale, block=block, upcast=upcast)[0]
 
 
@@ -639,6 +697,8 @@ def attention_backward(
     bias: torch.Tensor | None,
     scale: float,
     bias_needs_grad: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
     *,
     block: int | None = None,
     upcast: bool | None = None,
@@ -648,9 +708,10 @@ def attention_backward(
     with the memory layout ``[B, L, H, D]``; ``dbias_full`` is the float32 ``[B, H, Lq, Lk]``
     score gradient when there is a bias and ``bias_needs_grad`` (the caller sums it over the
     bias's broadcast dims), else None. Rows whose keys are all masked (``lse = -inf``, or
-    ``+inf``) get zero gradients. ``block`` / ``upcast``: see :func:`attention_train`.
+    ``+inf``) get zero gradients. ``dropout_p``, ``seed``: the forward's (the mask is regenerated
+    from them). ``block`` / ``upcast``: see :func:`attention_train`.
     """
-    _check(q, k, v, mask, bias)
+    _check(q, k, v, mask, bias, dropout_p)
     if grad.shape != q.shape or out.shape != q.shape or grad.dtype != q.dtype \
             or out.dtype != q.dtype:
         raise ValueError(
@@ -662,7 +723,7 @@ def attention_backward(
     lse = lse.contiguous()  # [B, H, Lq] floats: the kernels index it as a flat row array
     dq_launch, dkdv_launch, bufs = _backward_launches(
         grad, q, k, v, out, lse, mask, bias, scale, bias is not None and bool(bias_needs_grad),
-        _upcast(q.dtype, upcast), block,
+        _upcast(q.dtype, upcast), block, dropout_p, seed,
     )
     # dq first: it writes delta. An empty side (Lq or Lk = 0) leaves the other side's gradients
     # zero (its loop is empty), and dbias empty.
@@ -679,11 +740,13 @@ def attention_backward(
 _EXAMPLE_B, _EXAMPLE_H, _EXAMPLE_L = 2, 3, 128
 
 
-def _example_launches(dtype: torch.dtype, bias_dtype: torch.dtype, block_d: int) -> list[Launch]:
+def _example_launches(dtype: torch.dtype, bias_dtype: torch.dtype, block_d: int,
+                      dropout: bool) -> list[Launch]:
     """The launches the launchers make on the GPU (native path, table tiles) for q/k/v taken from
     a fused ``[B, L, 3, H, D]`` QKV tensor with 16-byte aligned rows and lengths that are multiples
-    of 16, a key padding mask and a full bias of ``bias_dtype`` with its gradient. (Mask and bias
-    are runtime flags: without them the launches specialise the same way.)"""
+    of 16, a key padding mask and a full bias of ``bias_dtype`` with its gradient, with or without
+    dropout. (Mask and bias are runtime flags: without them the launches specialise the same way;
+    so are the dropout's seed and probability.)"""
     b, h, length, d = _EXAMPLE_B, _EXAMPLE_H, _EXAMPLE_L, block_d
     # torch.empty only: the lowering worker forks after calling this, and a parallel fill would
     # start OpenMP threads in the parent (forked children then deadlock). Values are never read.
@@ -693,8 +756,10 @@ def _example_launches(dtype: torch.dtype, bias_dtype: torch.dtype, block_d: int)
     bias = torch.empty(b, h, length, length, dtype=bias_dtype)
     out = torch.empty(b, length, h, d, dtype=dtype).transpose(1, 2)
     lse = torch.empty(b, h, length)
-    fwd = _forward_launch(q, k, v, mask, bias, 0.125, out, lse, False, None)
-    dq, dkdv, _ = _backward_launches(out, q, k, v, out, lse, mask, bias, 0.125, True, False, None)
+    drop = (0.1, 0xDEADBEEF) if dropout else (0.0, 0)
+    fwd = _forward_launch(q, k, v, mask, bias, 0.125, out, lse, False, None, *drop)
+    dq, dkdv, _ = _backward_launches(out, q, k, v, out, lse, mask, bias, 0.125, True, False, None,
+                                     *drop)
     return [fwd, dq, dkdv]
 
 
@@ -709,18 +774,23 @@ def _dtype_pairs() -> list[tuple[torch.dtype, torch.dtype]]:
 
 
 def launch_specs() -> list[LaunchSpec]:
-    """Every (kernel, q dtype, bias dtype, head tile) the launchers can use, twice: ``contig`` is
+    """Every (kernel, q dtype, bias dtype, head tile, dropout or not) the launchers can use,
+    twice: ``contig`` is
     the JIT's specialisation for aligned q/k/v views of a fused QKV tensor whose sizes and strides
     are multiples of 16 (unit inner strides folded to constants, sizes, strides and pointers
     marked divisible by 16), ``generic`` the unspecialised variant (nothing folded or assumed),
     the bound of every other launch. Mask, bias and bias gradient are runtime flags, so they do
-    not multiply the variants; the bias's dtype does (it is the bias pointer's type). The
-    interpreter-only ``UPCAST`` path is not lowered."""
+    not multiply the variants; the bias's dtype does (it is the bias pointer's type), and so does
+    dropout (the DROPOUT constexpr; labelled ``dropout``). The interpreter-only ``UPCAST`` path
+    is not lowered."""
     specs = []
-    for (dtype, bias_dtype), block_d in itertools.product(_dtype_pairs(), HEAD_TILES):
+    for (dtype, bias_dtype), block_d, dropout in itertools.product(
+        _dtype_pairs(), HEAD_TILES, (False, True)
+    ):
         bias_label = "" if bias_dtype == dtype else f",bias_{TL_DTYPES[bias_dtype]}"
-        for launch in _example_launches(dtype, bias_dtype, block_d):
+        drop_label = ",dropout" if dropout else ""
+        for launch in _example_launches(dtype, bias_dtype, block_d, dropout):
             for variant, specialize in (("contig", True), ("generic", False)):
-                label = f"{TL_DTYPES[dtype]}{bias_label},D{block_d},{variant}"
+                label = f"{TL_DTYPES[dtype]}{bias_label}{drop_label},D{block_d},{variant}"
                 specs.append(launch.spec(label, TL_DTYPES[dtype], specialize))
     return specs

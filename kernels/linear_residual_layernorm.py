@@ -26,6 +26,12 @@ Backward:
 Without the training forward's ``y``, ``mean`` and ``rstd`` the backward runs the training
 forward again (from ``residual``) to get them.
 
+Dropout (training): the GEMM epilogue applies the counter-based mask of
+``rosita_fast.ops._dropout`` (a hash of seed, row and column; nothing stored) before the residual
+add, and the backward row kernel regenerates it to turn ``dy`` (stored as ``dresidual``) into the
+products' operand ``dy * mask * scale``. Dropout, its seed and threshold are runtime arguments:
+one compiled kernel serves every probability and seed.
+
 Precision: LayerNorm statistics and every sum are fp32; products as in
 :mod:`rosita_fast.kernels.linear_act` (tf32x3 for fp32, fp16/bf16 tensor cores natively with
 ``dy`` rounded to the input dtype, everything fp32 under the interpreter's ``UPCAST``). Tile
@@ -42,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rosita_fast.ops._dropout import dropout_scale, dropout_threshold
+
 from ._common import (
     DTYPES,
     TL_DTYPES,
@@ -49,6 +57,7 @@ from ._common import (
     LaunchSpec,
     TileConfig,
     dot_precision,
+    dropout_keep,
     empty,
     offsets_2d,
     sm_count,
@@ -84,17 +93,19 @@ ROW_TILES: dict[int, tuple[int, int]] = {
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["HAS_BIAS"])
+@triton.jit(do_not_specialize=["HAS_BIAS", "DROPOUT", "seed", "drop_threshold"])
 def linear_residual_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_rm, stride_rn,
     stride_ym, stride_yn,
-    HAS_BIAS,
+    HAS_BIAS, DROPOUT, seed, drop_threshold, drop_scale,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One tile of ``y = (x @ w^T + b) + residual`` (fp32 accumulation, y in its own dtype)."""
+    """One tile of ``y = dropout(x @ w^T + b) + residual`` (fp32 accumulation, y in its own
+    dtype); the dropout (DROPOUT, a runtime flag) is the shared counter-based mask over
+    (row, column) of the ``[M, N]`` product."""
     pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,6 +117,9 @@ def linear_residual_kernel(
     )
     if HAS_BIAS:
         acc += load_vector(b_ptr, offs_n, n_mask, stride_b)[None, :]
+    if DROPOUT:
+        keep = dropout_keep(seed, offs_m, offs_n, drop_threshold)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
     mask = m_mask[:, None] & n_mask[None, :]
     res = tl.load(r_ptr + offsets_2d(offs_m, offs_n, stride_rm, stride_rn), mask=mask, other=0.0)
     acc += res.to(tl.float32)
@@ -154,19 +168,21 @@ def layernorm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=r_mask)
 
 
-@triton.jit(do_not_specialize=["HAS_STATS", "STORE_DRES"])
+@triton.jit(do_not_specialize=["HAS_STATS", "STORE_DRES", "DROPOUT", "seed", "drop_threshold"])
 def layernorm_bwd_kernel(
     g_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, dy_ptr, dres_ptr, part_ptr,
     M, N, eps,
     stride_gm, stride_gn, stride_ym, stride_yn, stride_w, stride_dym, stride_dyn,
     stride_drm, stride_drn,
-    HAS_STATS, STORE_DRES,
+    HAS_STATS, STORE_DRES, DROPOUT, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program ``pid`` of ``P``: row blocks ``pid, pid + P, ...``; per row the LayerNorm input
     gradient ``dy`` (and, with STORE_DRES, a copy in dres's dtype), with the given mean and
     rstd (HAS_STATS) or ones computed from ``y``; the program's sums over its rows of
-    ``grad * xhat``, ``grad`` and ``dy`` into ``part[pid]`` (contiguous fp32 ``[P, 3, N]``)."""
+    ``grad * xhat``, ``grad`` and ``dy`` into ``part[pid]`` (contiguous fp32 ``[P, 3, N]``).
+    With DROPOUT (which needs STORE_DRES: dres gets ``dy``) the GEMM operand stored in ``dy_ptr``
+    and the third sum are the dense output's gradient ``dy * mask * scale`` instead."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     c_mask = cols < N
@@ -194,17 +210,20 @@ def layernorm_bwd_kernel(
         a = tl.sum(gw, 1) / N
         b = tl.sum(gw * xhat, 1) / N
         dy = tl.where(mask, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
-        tl.store(
-            dy_ptr + offsets_2d(rows, cols, stride_dym, stride_dyn),
-            dy.to(dy_ptr.dtype.element_ty),
-            mask=mask,
-        )
         if STORE_DRES:
             tl.store(
                 dres_ptr + offsets_2d(rows, cols, stride_drm, stride_drn),
                 dy.to(dres_ptr.dtype.element_ty),
                 mask=mask,
             )
+        if DROPOUT:
+            keep = dropout_keep(seed, rows, cols, drop_threshold)
+            dy = tl.where(keep, dy * drop_scale, 0.0)
+        tl.store(
+            dy_ptr + offsets_2d(rows, cols, stride_dym, stride_dyn),
+            dy.to(dy_ptr.dtype.element_ty),
+            mask=mask,
+        )
         sum_gx += tl.sum(g * xhat, 0)
         sum_g += tl.sum(g, 0)
         sum_dy += tl.sum(dy, 0)
@@ -254,7 +273,16 @@ def row_programs(row_blocks: int, device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _gemm_launch(x2d, weight, bias, r2d, y, upcast: bool, cfg: TileConfig | None = None):
+def _drop_args(dropout_p: float, seed: int) -> dict:
+    # Runtime dropout arguments (one compiled kernel for every p and seed): the seed as int32.
+    seed = int(seed) & 0xFFFFFFFF
+    return dict(DROPOUT=int(dropout_p > 0), seed=seed - (1 << 32) if seed >= 1 << 31 else seed,
+                drop_threshold=dropout_threshold(dropout_p),
+                drop_scale=float(dropout_scale(dropout_p)))
+
+
+def _gemm_launch(x2d, weight, bias, r2d, y, upcast: bool, cfg: TileConfig | None = None,
+                 dropout_p: float = 0.0, seed: int = 0):
     m, k = x2d.shape
     n = weight.shape[0]
     cfg = cfg or gemm_tile(x2d.dtype, m, n, x2d.device)
@@ -266,7 +294,7 @@ def _gemm_launch(x2d, weight, bias, r2d, y, upcast: bool, cfg: TileConfig | None
         stride_b=bias.stride(0) if bias is not None else 1,
         stride_rm=r2d.stride(0), stride_rn=r2d.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
-        HAS_BIAS=int(bias is not None),
+        HAS_BIAS=int(bias is not None), **_drop_args(dropout_p, seed),
         UPCAST=upcast, PRECISION=dot_precision(x2d.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
     )
@@ -291,7 +319,7 @@ def _ln_fwd_launch(y, ln_weight, ln_bias, out, ylow, mean, rstd, eps: float,
 
 
 def _ln_bwd_launch(g2d, y2d, ln_weight, mean, rstd, eps: float, dy, dres, part,
-                   cfg: TileConfig) -> Launch:
+                   cfg: TileConfig, dropout_p: float = 0.0, seed: int = 0) -> Launch:
     m, n = g2d.shape
     dr = dres if dres is not None else dy  # never written without STORE_DRES
     args = dict(
@@ -303,7 +331,7 @@ def _ln_bwd_launch(g2d, y2d, ln_weight, mean, rstd, eps: float, dy, dres, part,
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
         stride_drm=dr.stride(0), stride_drn=dr.stride(1),
         HAS_STATS=int(mean is not None), STORE_DRES=int(dres is not None),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        **_drop_args(dropout_p, seed), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
     )
     return Launch(layernorm_bwd_kernel, (part.shape[0],), args, cfg)
 
@@ -321,7 +349,8 @@ def y_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _forward(x, weight, bias, residual, ln_weight, ln_bias, eps, keep: bool, upcast):
+def _forward(x, weight, bias, residual, ln_weight, ln_bias, eps, keep: bool, upcast,
+             dropout_p=0.0, seed=0):
     check_dtype(x, _OP)
     n, k = weight.shape
     _, cfg = row_tile(n, _OP)
@@ -336,7 +365,8 @@ def _forward(x, weight, bias, residual, ln_weight, ln_bias, eps, keep: bool, upc
     # The training forward's y (y_dtype): the GEMM's own fp32 buffer for fp32 and fp16, a bf16
     # copy written by the LayerNorm kernel for bf16.
     ylow = empty((m, n), x.dtype, device) if keep and y_dtype(x.dtype) != torch.float32 else None
-    _gemm_launch(x2d, weight, bias, r2d, y, upcast_operands(x.dtype, upcast))()
+    _gemm_launch(x2d, weight, bias, r2d, y, upcast_operands(x.dtype, upcast), None, dropout_p,
+                 seed)()
     _ln_fwd_launch(y, ln_weight, ln_bias, out, ylow, mean, rstd, eps, cfg)()
     return out.view(residual.shape), (ylow if ylow is not None else y), mean, rstd
 
@@ -368,14 +398,17 @@ def linear_residual_layernorm_train(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
     *,
     upcast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, y, mean, rstd)``: the output, ``y = x @ weight^T + bias + residual`` as
+    """``(out, y, mean, rstd)``: the output, ``y = dropout(x @ weight^T + bias) + residual`` as
     ``[rows, out_features]`` (:func:`y_dtype`: x's dtype, fp32 for fp16, as the op's contract
     says) and each row's mean and 1/std (fp32 ``[rows]``, of the fp32 y the output is normalized
     from)."""
-    return _forward(x, weight, bias, residual, ln_weight, ln_bias, eps, True, upcast)
+    return _forward(x, weight, bias, residual, ln_weight, ln_bias, eps, True, upcast, dropout_p,
+                    seed)
 
 
 def linear_residual_layernorm_backward(
@@ -390,6 +423,8 @@ def linear_residual_layernorm_backward(
     y: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
     *,
     upcast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -399,7 +434,8 @@ def linear_residual_layernorm_backward(
     which is then required). A ``y`` rounded below fp32 (bf16) gets its row statistics
     recomputed from the rounded values: ``xhat`` must be centred on the ``y`` it is computed
     from (with the fp32 mean, a row of one feature, whose gradients are exactly zero, would get
-    ``rstd * rounding error`` instead)."""
+    ``rstd * rounding error`` instead). ``dropout_p``, ``seed``: the training forward's; the
+    products and dbias then take ``dy * mask * scale`` and dresidual ``dy``."""
     check_dtype(x, _OP)
     n, k = weight.shape
     _, cfg = row_tile(n, _OP)
@@ -407,7 +443,7 @@ def linear_residual_layernorm_backward(
         if residual is None:
             raise ValueError(f"{_OP} backward: needs y, mean and rstd or residual")
         _, y, mean, rstd = _forward(x, weight, bias, residual, ln_weight, ln_bias, eps, True,
-                                    upcast)
+                                    upcast, dropout_p, seed)
     up = upcast_operands(x.dtype, upcast)
     device = x.device
     m = math.prod(x.shape[:-1])
@@ -422,11 +458,12 @@ def linear_residual_layernorm_backward(
         rstd = rstd.reshape(m).to(torch.float32).contiguous()
     compute = torch.float32 if up else x.dtype
     dy = empty((m, n), compute, device)
-    # dresidual is dy itself where the GEMM operand is in x's dtype (dy is not returned).
-    dres = None if compute == x.dtype else empty((m, n), x.dtype, device)
+    # dresidual is dy itself where the GEMM operand is in x's dtype and there is no dropout (the
+    # GEMM operand is then dy * mask * scale).
+    dres = None if compute == x.dtype and dropout_p == 0 else empty((m, n), x.dtype, device)
     part = empty((row_programs(triton.cdiv(m, cfg.block_m), device), 3, n), torch.float32,
                  device)
-    _ln_bwd_launch(g2d, y2d, ln_weight, mean, rstd, eps, dy, dres, part, cfg)()
+    _ln_bwd_launch(g2d, y2d, ln_weight, mean, rstd, eps, dy, dres, part, cfg, dropout_p, seed)()
     sums = part.sum(0)  # [3, n]: dln_weight, dln_bias, dbias
     dx, dw = linear_grads(dy, x2d, weight, up)
     db = sums[2].to(bias.dtype, copy=True) if bias is not None else x.new_empty(0)

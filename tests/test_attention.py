@@ -5,6 +5,10 @@ of 64 query rows and 64 keys (online softmax over the key blocks, the backward's
 key blocks), so the sequence lengths here are 1, 7, 64, 65, 130 and 200: inside one block, exactly
 one, one past it and several with a partial last one. q, k and v are usually views of one fused
 ``[B, L, 3, H, D]`` projection, as the model layers pass them.
+
+Dropout (``dropout_p > 0``): the backends must drop exactly the reference's elements for the same
+seed, so they are compared with the float64 reference run with that seed; the reference itself
+is checked against the definition (``keep_mask`` on the ``[B, H, Lq, Lk]`` grid).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from kernel_harness import assert_close, rand, runnable_backends
 
 import rosita_fast
 from rosita_fast import ops
+from rosita_fast.ops._dropout import draw_seed, dropout_scale, keep_mask
 from rosita_fast.ops.attention import reference_forward
 from rosita_fast.testing import poison_outputs
 
@@ -71,21 +76,22 @@ def _bias(kind, b, h, lq, lk, dtype):
     return rand(1, h, lq, lk, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def _reference64(q, k, v, mask, bias, scale, grad):
+def _reference64(q, k, v, mask, bias, scale, grad, dropout_p=0.0, dropout_seed=0):
     """Output and (q, k, v, bias) gradients of the reference, run in float64 with autograd."""
     args = [t.detach().double().requires_grad_(True) if t is not None else None
             for t in (q, k, v, bias)]
-    out = reference_forward(args[0], args[1], args[2], mask, args[3], scale)
+    out = reference_forward(args[0], args[1], args[2], mask, args[3], scale, dropout_p,
+                            dropout_seed)
     grads = torch.autograd.grad(out, [a for a in args if a is not None], grad.double())
     return out, grads
 
 
-def _run(backend, q, k, v, mask, bias, grad, scale=None):
+def _run(backend, q, k, v, mask, bias, grad, scale=None, dropout_p=0.0, dropout_seed=None):
     tensors = [t for t in (q, k, v, bias) if t is not None]
     for t in tensors:
         t.requires_grad_(True)
     with rosita_fast.use_backend(backend), poison_outputs():
-        out = ops.attention(q, k, v, mask, bias, scale)
+        out = ops.attention(q, k, v, mask, bias, scale, dropout_p, dropout_seed)
         grads = torch.autograd.grad(out, tensors, grad)
     return out, grads
 
@@ -122,9 +128,11 @@ def test_forward_backward(backend, dtype, shape, variant, seed):
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_cpp_isa_variants(isa, dtype, monkeypatch, seed):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpp_isa_variants(isa, dtype, p, monkeypatch, seed):
     # The C++ kernels are compiled for three ISAs and pick the best the CPU has; the variable
-    # caps the choice, so one machine checks every variant it can run.
+    # caps the choice, so one machine checks every variant it can run (with dropout too: its hash
+    # is vectorized per variant).
     if "cpp" not in rosita_fast.available_backends():
         pytest.skip("cpp backend not available")
     monkeypatch.setenv("ROSITA_FAST_ATTENTION_ISA", isa)
@@ -132,8 +140,9 @@ def test_cpp_isa_variants(isa, dtype, monkeypatch, seed):
     q, k, v = _qkv(b, h, lq, lk, d, dtype, "seq")
     mask, bias = _padding_mask(b, lk), _bias("bcast", b, h, lq, lk, dtype)
     grad = rand(b, h, lq, d, dtype=dtype)
-    out, grads = _run("cpp", q, k, v, mask, bias, grad)
-    ref, ref_grads = _reference64(q, k, v, mask, bias, d**-0.5, grad)
+    drop_seed = draw_seed()
+    out, grads = _run("cpp", q, k, v, mask, bias, grad, dropout_p=p, dropout_seed=drop_seed)
+    ref, ref_grads = _reference64(q, k, v, mask, bias, d**-0.5, grad, p, drop_seed)
     assert_close(out, ref, dtype, f"{isa} forward", k=lk)
     for name, g, rg in zip(("q", "k", "v", "bias"), grads, ref_grads, strict=True):
         assert_close(g, rg, dtype, f"{isa} d{name}", k=lk, factor=2)
@@ -321,6 +330,194 @@ def test_plain_op_under_autograd_recomputes_lse(seed):
         assert_close(g, e, torch.float64, "plain op backward")
 
 
+# ---- dropout ------------------------------------------------------------------------------------
+
+
+def _dropout_rows_cols(b, h, lq, lk):
+    """The dropout hash's coordinates of the [B, H, Lq, Lk] probabilities: row (b H + h) Lq + i,
+    column j (the op's documented element coordinates)."""
+    return torch.arange(b * h * lq).view(b, h, lq, 1), torch.arange(lk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_forward_backward(backend, dtype, shape, p, seed):
+    # Against the float64 reference with the same seed: the same elements dropped, forward and
+    # backward (the backward regenerates the mask). A key padding mask with a fully padded batch
+    # row, and a bias with its gradient: full for p = 0.1, broadcast fp32 for p = 0.5.
+    b, h, lq, lk, d = shape
+    q, k, v = _qkv(b, h, lq, lk, d, dtype, ("fused", "seq", "contiguous")[seed % 3])
+    mask = _padding_mask(b, lk, fully_padded_row=b > 1)
+    bias = _bias("full" if p == 0.1 else "bcast", b, h, lq, lk, dtype)
+    grad = rand(b, h, lq, d, dtype=dtype)
+    drop_seed = draw_seed()
+    out, grads = _run(backend, q, k, v, mask, bias, grad, dropout_p=p, dropout_seed=drop_seed)
+    assert out.dtype == dtype and out.shape == (b, h, lq, d)
+    assert out.transpose(1, 2).is_contiguous(), "the output's memory must be [B, Lq, H, D]"
+    ref, ref_grads = _reference64(q, k, v, mask, bias, d**-0.5, grad, p, drop_seed)
+    assert_close(out, ref, dtype, f"{backend} forward", k=max(lk, d))
+    kk = max(lq, lk, d)
+    for name, g, rg in zip(("q", "k", "v", "bias"), grads, ref_grads, strict=True):
+        assert g.shape == rg.shape
+        assert_close(g, rg, dtype, f"{backend} d{name}", k=kk, factor=2)
+    if not mask[-1].any():
+        assert torch.equal(out[-1], torch.zeros_like(out[-1])), "fully padded row must give 0"
+        for g in grads[:3]:
+            assert not g[-1].any(), "a fully padded batch row has zero gradients"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_reference_dropout_is_the_definition(p, seed):
+    # The ground truth the backends are held to, against the definition written out here:
+    # out = (softmax(S) * keep * scale) v, keep from keep_mask at the documented coordinates.
+    b, h, lq, lk, d = 2, 3, 9, 11, 8
+    q, k, v = (t.double() for t in _qkv(b, h, lq, lk, d, torch.float64, "seq"))
+    mask = _padding_mask(b, lk, fully_padded_row=True)
+    drop_seed = draw_seed()
+    out = reference_forward(q, k, v, mask, None, 0.3, p, drop_seed)
+    s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(s, -1))  # the fully padded row: 0
+    rows, cols = _dropout_rows_cols(b, h, lq, lk)
+    keep = keep_mask(drop_seed, rows, cols, p)
+    assert 0 < keep.sum() < keep.numel()
+    expected = (probs * keep * dropout_scale(p)) @ v
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_the_hashed_elements_at_rate_p(backend, p, seed):
+    # With v = I (Lk = D = 72: a key block and a partial one; Lq = 130: three query blocks) the
+    # output is the dropped probability matrix itself, P * keep * scale: its zeros are exactly the
+    # hash's dropped elements, its kept values P * scale, and the kept fraction about 1 - p.
+    b, h, lq, lk = 2, 3, 130, 72
+    q, k = _qkv(b, h, lq, lk, lk, torch.float32, "seq")[:2]
+    v = torch.eye(lk).expand(b, h, lk, lk)
+    drop_seed = draw_seed()
+    with rosita_fast.use_backend(backend), poison_outputs():
+        out = ops.attention(q, k, v, dropout_p=p, dropout_seed=drop_seed)
+        probs = ops.attention(q, k, v)
+    keep = keep_mask(drop_seed, *_dropout_rows_cols(b, h, lq, lk), p)
+    assert torch.equal(out != 0, keep), "dropped elements differ from the hash's"
+    assert_close(out, probs * keep * dropout_scale(p), torch.float32, f"{backend} kept values")
+    n = keep.numel()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.double().mean().item() - (1 - p)) < 6 * sd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_seeds(backend, seed):
+    q, k, v = _qkv(2, 2, 70, 70, 16, torch.float32)
+    mask = _padding_mask(2, 70)
+    s1 = draw_seed()
+    s2 = s1 ^ 1
+    with rosita_fast.use_backend(backend):
+        a = ops.attention(q, k, v, mask, dropout_p=0.2, dropout_seed=s1)
+        assert torch.equal(a, ops.attention(q, k, v, mask, dropout_p=0.2, dropout_seed=s1))
+        assert not torch.equal(a, ops.attention(q, k, v, mask, dropout_p=0.2, dropout_seed=s2))
+        # Seeds are taken modulo 2^32.
+        assert torch.equal(a, ops.attention(q, k, v, mask, dropout_p=0.2,
+                                            dropout_seed=s1 + (5 << 32)))
+        assert not torch.equal(a, ops.attention(q, k, v, mask))
+        # No seed: one drawn from torch's generator, so torch.manual_seed reproduces the mask,
+        # and successive calls draw new ones.
+        torch.manual_seed(seed)
+        c = ops.attention(q, k, v, mask, dropout_p=0.2)
+        d = ops.attention(q, k, v, mask, dropout_p=0.2)
+        torch.manual_seed(seed)
+        assert torch.equal(c, ops.attention(q, k, v, mask, dropout_p=0.2))
+        assert not torch.equal(c, d)
+        # dropout_p = 0 with a seed is no dropout.
+        assert torch.equal(ops.attention(q, k, v, mask, dropout_p=0.0, dropout_seed=s1),
+                           ops.attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_without_grad_runs_the_training_op(backend, seed):
+    # Under no_grad a call with dropout still drops (the training op; the inference op has no
+    # dropout), with the same result as with autograd recording.
+    q, k, v = _qkv(1, 2, 65, 65, 32, torch.float32)
+    bias = rand(1, 2, 65, 65)
+    drop_seed = draw_seed()
+    with rosita_fast.use_backend(backend):
+        with torch.no_grad():
+            out = ops.attention(q, k, v, None, bias, dropout_p=0.3, dropout_seed=drop_seed)
+        out_grad = ops.attention(q.requires_grad_(True), k, v, None, bias, dropout_p=0.3,
+                                 dropout_seed=drop_seed)
+    assert out_grad.requires_grad
+    assert torch.equal(out, out_grad.detach())
+    ref = reference_forward(q.detach().double(), k.double(), v.double(), None, bias.double(),
+                            32**-0.5, 0.3, drop_seed)
+    assert_close(out, ref, torch.float32, f"{backend} no-grad dropout")
+
+
+# lk = 70 crosses the C++ kernels' 64-key blocks (the reference has none).
+@pytest.mark.parametrize(("backend", "lk"), [(p.values[0], lk) for p in BACKENDS for lk in (7, 70)
+                                            if lk == 7 or p.values[0] == "cpp"])
+def test_dropout_gradcheck_float64(backend, lk, seed):
+    b, h, lq, d = 2, 2, 5, 8
+    q, k, v = _qkv(b, h, lq, lk, d, torch.float64, "seq")
+    mask = _padding_mask(b, lk)
+    mask[0, 0] = True
+    bias = rand(1, h, lq, lk, dtype=torch.float64)
+    if lk > 7:  # fewer elements where the key blocks cross (finite differences per element)
+        q, k, v, bias = q[:1, :1], k[:1, :1], v[:1, :1], bias[:, :1]
+        mask = mask[:1]
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in (q, k, v, bias))
+    drop_seed = 0x9E3779B9  # fixed: the function gradcheck differentiates
+    with rosita_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda q_, k_, v_, b_: ops.attention(q_, k_, v_, mask, b_, 0.7, dropout_p=0.4,
+                                                 dropout_seed=drop_seed),
+            inputs, eps=1e-6, atol=1e-7,
+        )
+
+
+def test_dropout_torch_compile_fullgraph(seed):
+    b, seq, h, d = 2, 70, 4, 32
+    proj = torch.nn.Linear(h * d, 3 * h * d)
+    x = rand(b, seq, h * d)
+    mask = _padding_mask(b, seq)
+
+    def layer(x, mask, drop_seed):
+        q, k, v = proj(x).view(b, seq, 3, h, d).unbind(2)
+        out = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                            dropout_p=0.25, dropout_seed=drop_seed)
+        return out.transpose(1, 2).reshape(b, seq, h * d)
+
+    drop_seed = draw_seed()
+    expected = layer(x, mask, drop_seed)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x, mask, drop_seed)
+    assert_close(out, expected, torch.float32, "compiled forward")
+    out.sum().backward()
+    grads = [p.grad.clone() for p in proj.parameters()]
+    proj.zero_grad()
+    expected.sum().backward()
+    for g, p in zip(grads, proj.parameters(), strict=True):
+        assert_close(g, p.grad, torch.float32, "compiled backward")
+
+
+def test_dropout_opcheck(seed):
+    # The training and backward ops' dropout arguments: schema, fakes, autograd, dispatcher.
+    b, h, lq, lk, d = 2, 2, 5, 7, 8
+    q, k, v = (t.requires_grad_(True) for t in _qkv(b, h, lq, lk, d, torch.float32, "seq"))
+    mask = _padding_mask(b, lk)
+    bias = rand(1, h, lq, lk).requires_grad_(True)
+    drop_seed = draw_seed()
+    train = torch.ops.rosita_fast.attention_train.default
+    torch.library.opcheck(train, (q, k, v, mask, bias, 0.5, 0.3, drop_seed))
+    torch.library.opcheck(train, (q, k, v, None, None, 0.5, 0.3, drop_seed))
+    out, lse = (t.detach() for t in train(q, k, v, mask, bias, 0.5, 0.3, drop_seed))
+    grad = rand(b, h, lq, d)
+    args = (grad, q.detach(), k.detach(), v.detach(), out, lse, mask, bias.detach(), 0.5)
+    backward = torch.ops.rosita_fast.attention_backward.default
+    torch.library.opcheck(backward, (*args, True, 0.3, drop_seed))
+    torch.library.opcheck(backward, (*args, False, 0.3, drop_seed))
+
+
 class TestBadInput:
     def setup_method(self):
         self.q, self.k, self.v = _qkv(2, 3, 5, 6, 16, torch.float32, "seq")
@@ -376,3 +573,23 @@ class TestBadInput:
     def test_scale_type(self):
         with pytest.raises(TypeError, match="scale must be a float"):
             ops.attention(self.q, self.k, self.v, scale="0.5")
+
+    def test_dropout_p(self):
+        for bad in (1.0, 1.5, -0.1, float("nan")):
+            with pytest.raises(ValueError, match="attention: dropout_p must be in"):
+                ops.attention(self.q, self.k, self.v, dropout_p=bad)
+        for bad in ("0.1", None, True):
+            with pytest.raises(TypeError, match="attention: dropout_p must be a float"):
+                ops.attention(self.q, self.k, self.v, dropout_p=bad)
+
+    def test_dropout_seed(self):
+        for bad in (1.5, "3", True, torch.tensor(3)):
+            with pytest.raises(TypeError, match="attention: dropout_seed must be None or an int"):
+                ops.attention(self.q, self.k, self.v, dropout_p=0.1, dropout_seed=bad)
+
+    def test_cpp_kernels_check_dropout_p(self):
+        if "cpp" not in rosita_fast.available_backends():
+            pytest.skip("cpp backend not available")
+        with pytest.raises(RuntimeError, match="dropout_p must be in"):
+            torch.ops.rosita_fast.attention_train_cpp(self.q, self.k, self.v, None, None, 0.25,
+                                                      1.0, 3)

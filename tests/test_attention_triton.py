@@ -8,12 +8,16 @@ padded head tile. Covered: head counts 1, 2, 3, 5 and 12, key padding masks with
 batch row, full and broadcast biases (q's dtype and float32) with their gradient, fp32 / fp16 /
 bf16 (and the native fp16 path), q / k / v read as strided views of a fused ``[B, L, 3, H, D]``
 projection, arbitrary upstream-gradient strides, cross attention (``Lq != Lk``), and NaN-poisoned
-outputs. Then the public op under ``use_backend("triton")`` (forward, autograd backward, no-grad
-path), and the launch specs the lowering tests compile (``tests/test_lowering.py``).
+outputs. Dropout (p = 0.1 and 0.5) over a selection of those cases, compared with the float64
+reference run with the same seed (the same elements dropped), and the dropped elements checked
+against the hash directly. Then the public op under ``use_backend("triton")`` (forward, autograd
+backward, no-grad path, with and without dropout), and the launch specs the lowering tests
+compile (``tests/test_lowering.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -22,6 +26,7 @@ from kernel_harness import assert_close, declared_constexprs, jit_view, rand
 from rosita_fast.kernels import attention as ak
 
 import rosita_fast
+from rosita_fast.ops._dropout import draw_seed, dropout_scale, keep_mask
 from rosita_fast.ops._registry import REGISTRY
 from rosita_fast.ops.attention import reference_backward, reference_forward
 from rosita_fast.testing import poison_outputs
@@ -86,13 +91,14 @@ def _mask(b: int, lk: int, padded_row: bool) -> torch.Tensor:
     return mask
 
 
-def _reference(grad, q, k, v, mask, bias, scale, bias_grad: bool):
+def _reference(grad, q, k, v, mask, bias, scale, bias_grad: bool, dropout_p=0.0, drop_seed=0):
     """float64 (out, lse, dq, dk, dv, dbias_full) from the op's reference implementations."""
     q64, k64, v64, g64 = (t.double() for t in (q, k, v, grad))
     b64 = bias.double() if bias is not None else None
-    out, lse = REGISTRY["attention_train"].reference(q64, k64, v64, mask, b64, scale)
-    torch.testing.assert_close(out, reference_forward(q64, k64, v64, mask, b64, scale))
-    grads = reference_backward(g64, q64, k64, v64, out, lse, mask, b64, scale, bias_grad)
+    drop = (dropout_p, drop_seed)
+    out, lse = REGISTRY["attention_train"].reference(q64, k64, v64, mask, b64, scale, *drop)
+    torch.testing.assert_close(out, reference_forward(q64, k64, v64, mask, b64, scale, *drop))
+    grads = reference_backward(g64, q64, k64, v64, out, lse, mask, b64, scale, bias_grad, *drop)
     return (out, lse, *grads)
 
 
@@ -165,25 +171,31 @@ def _inputs(case: Case):
     return q, k, v, mask, bias, grad
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_forward_and_backward_match_float64(case: Case):
+def _check_case(case: Case, dropout_p: float = 0.0, drop_seed: int = 0) -> None:
+    """The launchers on ``case`` (with dropout ``dropout_p``, ``drop_seed``) against the float64
+    reference: outputs, lse, gradients, layouts, the fully padded row and the masked keys."""
     q, k, v, mask, bias, grad = _inputs(case)
     if case.layout == "fused":
         assert q.stride(2) == 3 * case.h * case.d and q.stride(3) == 1  # really the fused view
     scale = case.d ** -0.5
-    ref = _reference(grad, q, k, v, mask, bias, scale, case.bias_grad)
+    drop = (dropout_p, drop_seed)
+    ref = _reference(grad, q, k, v, mask, bias, scale, case.bias_grad, *drop)
     with poison_outputs():
-        out, lse = ak.attention_train(q, k, v, mask, bias, scale, block=BLOCK, upcast=case.upcast)
-        out_only = ak.attention_forward(q, k, v, mask, bias, scale, block=BLOCK,
-                                        upcast=case.upcast)
+        out, lse = ak.attention_train(q, k, v, mask, bias, scale, *drop, block=BLOCK,
+                                      upcast=case.upcast)
+        out_only = None
+        if dropout_p == 0:
+            out_only = ak.attention_forward(q, k, v, mask, bias, scale, block=BLOCK,
+                                            upcast=case.upcast)
         grads = ak.attention_backward(grad, q, k, v, out, lse, mask, bias, scale, case.bias_grad,
-                                      block=BLOCK, upcast=case.upcast)
+                                      *drop, block=BLOCK, upcast=case.upcast)
     # out, dq, dk, dv: [B, H, L, D] in q's dtype, memory laid out [B, L, H, D]
     for name, got, like in (("out", out, q), ("dq", grads[0], q), ("dk", grads[1], k),
                             ("dv", grads[2], v)):
         assert got.dtype == case.dtype and got.shape == like.shape, name
         assert got.transpose(1, 2).is_contiguous(), f"{name}: layout {got.stride()}"
-    assert torch.equal(out_only, out)
+    if out_only is not None:
+        assert torch.equal(out_only, out)
     reduction = max(case.lq, case.lk, case.d)
     assert_close(out, ref[0], case.dtype, f"{case.id}: out", k=reduction)
     _check_lse(lse, ref[1], f"{case.id}: lse")
@@ -207,6 +219,49 @@ def test_forward_and_backward_match_float64(case: Case):
         # masked keys receive no gradient
         padded = ~mask[:, None, :, None].expand_as(grads[1])
         assert (grads[1][padded] == 0).all() and (grads[2][padded] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_and_backward_match_float64(case: Case):
+    _check_case(case)
+
+
+# Every dtype and path (fp32, fp16 upcast and native, bf16), padded head tiles (d8, d40), cross
+# attention, strided inputs, full / broadcast biases in q's dtype and fp32, fully padded rows.
+DROPOUT_CASES = [c for c in CASES if c.id in (
+    "h1-d32-fp32-plain", "h3-d64-bf16-bias_full", "h5-d32-fp16-bias_hk_fp32-cross",
+    "h3-d32-fp32-bias_bk-strided", "h2-d8-fp32-bias_bhqk", "h3-d40-bf16-mask",
+    "h2-d64-fp16-native",
+)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: c.id)
+def test_dropout_matches_float64_with_the_same_seed(case: Case, p: float):
+    # Seeds with the top bit set and clear: the launchers pass them as int32.
+    drop_seed = draw_seed() | (1 << 31) if p == 0.5 else draw_seed() & 0x7FFFFFFF
+    _check_case(case, p, drop_seed)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_the_hashed_elements(p: float):
+    """With v = I the output is the dropped probability matrix ``P * keep * scale``: its zeros
+    are exactly the hash's dropped elements at the documented coordinates (row
+    ``(b * H + h) * Lq + i``, column ``j``), its kept values ``P * scale``; and the kept fraction
+    is about 1 - p. (Lq = 37, Lk = D = 40: three and a partial query and key block.)"""
+    b, h, lq, lk = 2, 3, 37, 40
+    q, k, _ = _qkv(b, h, lq, lk, lk, "contig", torch.float32)
+    v = torch.eye(lk).expand(b, h, lk, lk)
+    drop_seed = draw_seed()
+    with poison_outputs():
+        out, lse = ak.attention_train(q, k, v, None, None, 0.3, p, drop_seed, block=BLOCK)
+        probs, lse0 = ak.attention_train(q, k, v, None, None, 0.3, block=BLOCK)
+    keep = keep_mask(drop_seed, torch.arange(b * h * lq).view(b, h, lq, 1), torch.arange(lk), p)
+    assert torch.equal(out != 0, keep), "dropped elements differ from the hash's"
+    assert_close(out, probs * keep * dropout_scale(p), torch.float32, "kept values")
+    assert torch.equal(lse, lse0), "lse is the undropped softmax's"
+    sd = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(keep.double().mean().item() - (1 - p)) < 6 * sd
 
 
 def test_default_tiles_and_sentinel_conventions():
@@ -262,6 +317,10 @@ def test_forced_block_crosses_blocks(monkeypatch):
 
 
 def test_bad_inputs_raise():
+    q = rand(1, 1, 4, 16)
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match="dropout_p must be in"):
+            ak.attention_train(q, q, q, None, None, 1.0, bad, 3)
     q = rand(1, 1, 4, 136)
     with pytest.raises(ValueError, match="head dim <= 128"):
         ak.attention_forward(q, q, q, None, None, 1.0)
@@ -311,6 +370,34 @@ def test_public_op_autograd_matches_float64(dtype, bias_dtype):
     assert_close(bias.grad, ref[5].sum(0, keepdim=True), dtype, "dbias", k=length)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_public_op_dropout_matches_float64(dtype):
+    """``rosita_fast.ops.attention(..., dropout_p, dropout_seed)`` on the triton backend: the
+    training op with its dropout arguments carried to the backward op, against the float64
+    reference with the same seed; under no_grad the same (training) kernels drop the same
+    elements."""
+    b, h, length, d = 2, 2, 37, 32
+    qkv = rand(b, length, 3, h, d, dtype=dtype).requires_grad_()
+    bias = rand(1, h, length, length).requires_grad_()
+    mask = _mask(b, length, padded_row=True)
+    grad = rand(b, h, length, d, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    scale, p, drop_seed = d ** -0.5, 0.3, draw_seed()
+    ref = _reference(grad, q.detach(), k.detach(), v.detach(), mask, bias.detach(), scale, True,
+                     p, drop_seed)
+    with rosita_fast.use_backend("triton"), ak.forced_block(BLOCK), poison_outputs():
+        out = rosita_fast.ops.attention(q, k, v, mask, bias, dropout_p=p, dropout_seed=drop_seed)
+        out.backward(grad)
+        with torch.no_grad():
+            out_nograd = rosita_fast.ops.attention(q, k, v, mask, bias, dropout_p=p,
+                                                   dropout_seed=drop_seed)
+    assert torch.equal(out_nograd, out.detach())
+    assert_close(out, ref[0], dtype, "out", k=length)
+    dqkv = torch.stack(ref[2:5], dim=2).transpose(1, 3)  # [B, L, 3, H, D]
+    assert_close(qkv.grad, dqkv, dtype, "dqkv", k=length)
+    assert_close(bias.grad, ref[5].sum(0, keepdim=True), dtype, "dbias", k=length)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch specs = what the launchers launch
 # ----------------------------------------------------------------------------------------------
@@ -323,8 +410,9 @@ KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkd
 def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
     """For q / k / v views of an aligned fused QKV tensor (or separate contiguous tensors) whose
     sizes are multiples of 16, with or without mask and bias (q's dtype or float32, full or
-    broadcast), at any head count, the JIT specialisation of every launch is a ``contig`` launch
-    spec; ``generic`` specs specialise nothing."""
+    broadcast), with or without dropout (any seed and probability), at any head count, the JIT
+    specialisation of every launch is a ``contig`` launch spec; ``generic`` specs specialise
+    nothing."""
     launches = []
 
     class Recorder:
@@ -349,16 +437,21 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
                 (_mask(b, length, False), rand(b, h, length, length, dtype=bias_dtype), True),
                 (None, rand(1, 1, 1, length, dtype=bias_dtype), False),
             ]
-        for mask, bias, bias_grad in options:
+        # without dropout, and with seeds whose int32 is negative, positive, 1 and 16 (which the
+        # JIT would specialise, were the seed not do_not_specialize)
+        drops = [(0.0, 0), (0.1, 0xDEADBEEF), (0.5, 1), (0.9, 16)]
+        for (mask, bias, bias_grad), (p, drop_seed) in itertools.product(options, drops):
             launches.clear()
             # the GPU path (no upcast, table tiles); the recorder launches nothing
-            out, lse = ak.attention_train(q, k, v, mask, bias, 0.125, upcast=False)
-            ak.attention_backward(grad, q, k, v, out, lse, mask, bias, 0.125, bias_grad,
-                                  upcast=False)
+            out, lse = ak.attention_train(q, k, v, mask, bias, 0.125, p, drop_seed, upcast=False)
+            ak.attention_backward(grad, q, k, v, out, lse, mask, bias, 0.125, bias_grad, p,
+                                  drop_seed, upcast=False)
             assert len(launches) == 3
             bias_label = ""
             if bias is not None and bias.dtype != dtype:
                 bias_label = ",bias_fp32"
+            if p > 0:
+                bias_label += ",dropout"
             for kernel, kwargs in launches:
                 spec = specs[f"{kernel.__name__}[{tl_dtype}{bias_label},D{tile},contig]"]
                 signature, constexprs, attrs = jit_view(kernel, kwargs)
@@ -373,6 +466,7 @@ def test_launch_specs_are_what_the_launchers_launch(monkeypatch, dtype):
     for spec in generic:
         assert set(spec.constexprs) == declared_constexprs(spec.kernel), spec.name
         assert all(attr == [] for attr in spec.attrs.values()), spec.name
-    # every kernel, q dtype / bias dtype pair (5) and head tile (3), contig and generic
-    assert len(specs) == len(KERNELS) * 5 * len(ak.HEAD_TILES) * 2
+    # every kernel, q dtype / bias dtype pair (5), head tile (3) and dropout or not, contig and
+    # generic
+    assert len(specs) == len(KERNELS) * 5 * len(ak.HEAD_TILES) * 2 * 2
 

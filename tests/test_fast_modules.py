@@ -200,19 +200,41 @@ def test_importance_on_swapped_model(method):
         assert _rel(torch.as_tensor(b), torch.as_tensor(a)) < 1e-4
 
 
-def test_fused_paths_follow_mode_and_dropout():
+def test_training_with_dropout_stays_fused(monkeypatch):
+    # Dropout runs inside the fused attention and output blocks: every path stays fused in
+    # training, the ops get the config's probabilities, and the masks follow torch.manual_seed.
     _, fast, _ = _models("bert", "stock")  # HF default dropout 0.1
     layer = fast.bert.encoder.layer[0]
     assert all(layer.eval().fused_paths().values())
-    paths = layer.train().fused_paths()
-    assert not paths["attention.attention"] and not paths["ffn.output_layernorm"]
-    assert paths["attention.qkv"] and paths["ffn.input_activation"]
-    _, fast0, _ = _models("bert", "stock", **NO_DROPOUT)
-    assert all(fast0.bert.encoder.layer[0].train().fused_paths().values())
-    # Training with dropout still runs and gives gradients.
+    assert all(layer.train().fused_paths().values())
+    from rosita_fast.modules import attention as attention_module
+    from rosita_fast.modules import ffn as ffn_module
+
+    seen = []
+    for module in (attention_module, ffn_module):
+        for name in ("attention", "linear_residual_layernorm"):
+            real = getattr(module, name, None)
+            if real is None:
+                continue
+            monkeypatch.setattr(
+                module, name,
+                lambda *a, _real=real, _name=name, **kw: seen.append((_name, kw["dropout_p"]))
+                or _real(*a, **kw))
     fast.train()
-    fast(**_batch(), labels=torch.tensor([0, 1, 2])).loss.backward()
-    assert fast.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+    batch, labels = _batch(), torch.tensor([0, 1, 2])
+    torch.manual_seed(0)
+    loss = fast(**batch, labels=labels).loss
+    assert sorted(set(seen)) == [("attention", 0.1), ("linear_residual_layernorm", 0.1)]
+    torch.manual_seed(0)
+    assert torch.equal(fast(**batch, labels=labels).loss, loss)
+    torch.manual_seed(1)
+    assert not torch.equal(fast(**batch, labels=labels).loss, loss)
+    loss.backward()
+    assert fast.bert.encoder.layer[0].attention.self.query.weight.grad.isfinite().all()
+    seen.clear()
+    with torch.no_grad():
+        fast.eval()(**batch)
+    assert {p for _, p in seen} == {0.0}
 
 
 def test_swap_refuses_unsupported_models():

@@ -20,6 +20,7 @@ from kernel_harness import tolerance
 
 import rosita_fast
 from rosita_fast import ops
+from rosita_fast.ops._dropout import dropout_scale
 from rosita_fast.ops.attention import reference_forward as attention_reference
 from rosita_fast.ops.embedding_layernorm import reference_forward as embedding_reference
 from rosita_fast.ops.linear_act import reference_forward as linear_act_reference
@@ -184,22 +185,24 @@ def _attention_cases(draw):
             st.sampled_from([dtype, torch.float32]))
         bias = _tensor(draw, shape, bias_dtype)
     grad_out = _tensor(draw, (b, h, lq, d), dtype)
-    return backend, dtype, (q, k, v, mask, bias), grad_out
+    dropout = (draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])), draw(st.integers(0, 2**32 - 1)))
+    return backend, dtype, (q, k, v, mask, bias), grad_out, dropout
 
 
-def _attention_magnitudes(q, k, v, mask, bias, scale, grad, out, bias_shape):
+def _attention_magnitudes(q, k, v, mask, bias, scale, grad, out, bias_shape, drop_scale=1.0):
     """The size of the terms each result sums (float64): ``P|v|`` for the output and, with
     ``|dS| <= P (|dP| + |delta|)``, ``scale |dS| |k|``, ``scale |dS|^T |q|``, ``P^T |dO|`` and
     ``|dS|`` (summed to bias's shape) for the gradients. P comes from the reference itself (its
-    output for identity values)."""
+    output for identity values). Under dropout the bounds take the undropped P and ``|dP|`` times
+    the kept elements' scale ``drop_scale`` (``|P Z| <= drop_scale P``)."""
     b, h, lk = k.shape[0], k.shape[1], k.shape[2]
     eye = torch.eye(lk, dtype=torch.float64).expand(b, h, lk, lk)
     p = attention_reference(q, k, eye, mask, bias, scale)
     dp = grad @ v.transpose(-1, -2)
     delta = (grad * out).sum(-1, keepdim=True)
-    ds = p * (dp.abs() + delta.abs())
-    mags = [p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
-            p.transpose(-1, -2) @ grad.abs()]
+    ds = p * (drop_scale * dp.abs() + delta.abs())
+    mags = [drop_scale * p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
+            drop_scale * p.transpose(-1, -2) @ grad.abs()]
     if bias_shape is not None:
         dims = tuple(i for i, n in enumerate(bias_shape) if n == 1 and ds.shape[i] != 1)
         mags.append(ds.sum(dims, keepdim=True) if dims else ds)
@@ -207,22 +210,23 @@ def _attention_magnitudes(q, k, v, mask, bias, scale, grad, out, bias_shape):
 
 
 def _check_attention(case) -> None:
-    backend, dtype, (q, k, v, mask, bias), grad_out = case
+    backend, dtype, (q, k, v, mask, bias), grad_out, (drop, drop_seed) = case
     tensors = [t for t in (q, k, v, bias) if t is not None]
     for t in tensors:
         t.requires_grad_(True)
     with rosita_fast.use_backend(backend):
-        out = ops.attention(q, k, v, mask, bias)
+        out = ops.attention(q, k, v, mask, bias, dropout_p=drop, dropout_seed=drop_seed)
         grads = torch.autograd.grad(out, tensors, grad_out)
     args64 = [t.detach().double().requires_grad_(True) for t in tensors]
     q64, k64, v64, bias64 = (*args64[:3], args64[3] if bias is not None else None)
     keep = None if mask is None else mask != 0
     scale = q.shape[-1] ** -0.5
-    ref = attention_reference(q64, k64, v64, keep, bias64, scale)
+    # The ground truth with dropout: the reference with the same seed (the same elements dropped).
+    ref = attention_reference(q64, k64, v64, keep, bias64, scale, drop, drop_seed)
     ref_grads = torch.autograd.grad(ref, args64, grad_out.double())
     with torch.no_grad():
         mags = _attention_magnitudes(q64, k64, v64, keep, bias64, scale, grad_out.double(), ref,
-                                     None if bias is None else bias.shape)
+                                     None if bias is None else bias.shape, dropout_scale(drop))
     lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
     _compare(out, ref, dtype, max(lk, d), f"{backend} forward", mags[0])
     names = ("q", "k", "v", "bias")[: len(tensors)]
@@ -406,7 +410,8 @@ def _lrln_cases(draw):
         draw(st.sampled_from([1e-5, 1e-12])),
     )
     packed = backend == "cpp" and draw(st.booleans())  # also checked with a packed weight
-    return backend, dtype, args, _tensor(draw, (*lead, n), dtype), packed
+    dropout = (draw(st.sampled_from([0.0, 0.0, 0.2, 0.6])), draw(st.integers(0, 2**32 - 1)))
+    return backend, dtype, args, _tensor(draw, (*lead, n), dtype), packed, dropout
 
 
 def _lrln_magnitudes(args64, grad):
@@ -433,21 +438,27 @@ def _lrln_magnitudes(args64, grad):
 
 
 def _check_lrln(case) -> None:
-    backend, dtype, args, grad_out, packed = case
+    backend, dtype, args, grad_out, packed, (drop, drop_seed) = case
     *tensors, eps = args
     inputs = [t for t in tensors if t is not None]
     for t in inputs:
         t.requires_grad_(True)
     with rosita_fast.use_backend(backend):
-        out = ops.linear_residual_layernorm(*args)
+        out = ops.linear_residual_layernorm(*args, dropout_p=drop, dropout_seed=drop_seed)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     args64 = [t.detach().double().requires_grad_(True) if t is not None else None
               for t in tensors]
-    ref = lrln_reference(*args64, eps)
+    if drop > 0:  # the ground truth with dropout: the reference backend in float64
+        with rosita_fast.use_backend("reference"):
+            ref = ops.linear_residual_layernorm(*args64, eps, dropout_p=drop,
+                                                dropout_seed=drop_seed)
+    else:
+        ref = lrln_reference(*args64, eps)
     targets64 = [t for t in args64 if t is not None]
     ref_grads = torch.autograd.grad(ref, targets64, grad_out.double(), allow_unused=True)
     with torch.no_grad():
         mag, mag_grads = _lrln_magnitudes([*args64, eps], grad_out.double())
+        mag_grads = [m * dropout_scale(drop) for m in mag_grads]
     k_in, n = args[0].shape[-1], args[1].shape[0]
     _compare(out, ref, dtype, max(k_in, 1), f"{backend} forward", mag)
     names = [name for name, t in zip(("x", "weight", "bias", "residual", "ln_weight", "ln_bias"),
@@ -456,7 +467,7 @@ def _check_lrln(case) -> None:
     for name, g, rg, t, mg in zip(names, grads, ref_grads, targets64, mag_grads, strict=True):
         rg = torch.zeros_like(t) if rg is None else rg
         _compare(g, rg, dtype, k, f"{backend} d{name}", mg)
-    packed_weight = ops.pack_linear_weight(args[1]) if packed else None
+    packed_weight = ops.pack_linear_weight(args[1]) if packed and drop == 0 else None
     if packed_weight is not None:
         with torch.no_grad(), rosita_fast.use_backend(backend):
             out = ops.linear_residual_layernorm(*args, packed_weight)
@@ -486,6 +497,31 @@ def _kd_logits_cases(draw):
     return backend, dtype, s, t, temperature, kind, reduction, mask
 
 
+def _kd_terms(s64, t64, temperature, kind, reduction, mask):
+    """The size of the terms behind a KD loss (float64), for :func:`_compare`'s ``magnitude``:
+    per row ``sum_c p (|log p| + |log q|)`` (kl) or ``sum_c p |log q|`` (soft_ce), masked rows 0,
+    reduced like the loss. A KL between nearly equal distributions is a small difference of
+    O(log C) terms, so fp32 errs relative to them, not to the small loss."""
+    logp = torch.log_softmax(t64 / temperature, -1)
+    logq = torch.log_softmax(s64 / temperature, -1)
+    p = logp.exp()
+    row = (p * logq.abs()).sum(-1)
+    if kind == "kl":
+        row = row + (p * logp.abs()).sum(-1)
+    row = row.nan_to_num()
+    if mask is not None:
+        row = row * mask.reshape(row.shape).to(row.dtype)
+    if reduction == "none":
+        return row
+    total = row.sum()
+    if reduction == "mean":
+        count = mask.sum() if mask is not None else row.numel()
+        return total / max(int(count), 1)
+    if reduction == "batchmean":
+        return total / max(s64.shape[0], 1)
+    return total
+
+
 def _check_kd_logits(case) -> None:
     backend, dtype, s, t, temperature, kind, reduction, mask = case
     s = s.detach().requires_grad_(True)
@@ -500,7 +536,9 @@ def _check_kd_logits(case) -> None:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # The losses accumulate in fp32 from exactly converted inputs; the gradient is rounded to the
     # logits' dtype.
-    _compare(out, ref, acc, max(s.shape[-1], 1), f"{backend} loss")
+    mag = _kd_terms(s64.detach(), t.double(), temperature, kind, reduction, mask)
+    _compare(out, ref, acc, max(s.shape[-1], 1), f"{backend} loss",
+             mag * max(s.shape[-1], 1) ** 0.5)
     _compare(grad, ref_grad, dtype, max(s.shape[-1], 1), f"{backend} grad")
 
 
@@ -599,8 +637,13 @@ def _check_fused_linear_kd(case) -> None:
     k = max(args[1].shape[1], args[3].shape[1], 1)
     # fp16/bf16: the logits are rounded to the dtype by the GEMMs, then go through exp
     low = dtype not in (torch.float32, torch.float64)
+    with torch.no_grad():
+        def logits(h, w, b):
+            return h @ w.t() + (b if b is not None else 0)
+        mag = _kd_terms(logits(a64[0], a64[1], a64[4]), logits(a64[2], a64[3], a64[5]), 1.5,
+                        kind, reduction, mask)
     _compare(out.to(dtype) if low else out, ref, dtype if low else acc, k * 8,
-             f"{backend} loss")
+             f"{backend} loss", mag * (k * 8) ** 0.5)
     for i, g, rg in zip(student, grads, ref_grads, strict=True):
         _compare(g, rg, dtype, k * 8, f"{backend} grad {i}")
 

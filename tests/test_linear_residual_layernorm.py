@@ -1,7 +1,8 @@
 """linear_residual_layernorm: every runnable backend against a float64 reference, forward and
-backward (all six gradients), packed and unpacked weights, the C++ kernel's paths (oneDNN with
-the fused residual add and the small-product MKL route, row chunks over threads), autograd
-bookkeeping, opcheck, torch.compile and bad input."""
+backward (all six gradients), packed and unpacked weights, dropout (the same elements dropped as
+the reference's hash), the C++ kernel's paths (oneDNN with the fused residual add and the
+small-product MKL route, row chunks over threads), autograd bookkeeping, opcheck, torch.compile
+and bad input."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kernel_harness import assert_close as _assert_close
 
 import rosita_fast
 from rosita_fast import ops
+from rosita_fast.ops._dropout import dropout_scale, keep_mask
 from rosita_fast.ops.linear_residual_layernorm import reference_forward
 from rosita_fast.testing import poison_outputs
 
@@ -318,7 +320,8 @@ def test_training_forward_keeps_y_and_statistics(monkeypatch, seed):
     tensors = _inputs((2, 3), 20, 16, torch.bfloat16, requires_grad=True)
     with rosita_fast.use_backend("reference"):
         ops.linear_residual_layernorm(*tensors, EPS).float().sum().backward()
-    ((*_, residual, _, _, _, y, mean, rstd),) = seen
+    ((_, _, _, _, residual, _, _, _, y, mean, rstd, *dropout),) = seen
+    assert dropout in ([], [0.0, 0])
     assert residual is None
     assert y.shape == (6, 16) and y.dtype == torch.bfloat16
     assert mean.shape == rstd.shape == (6,) and mean.dtype == rstd.dtype == torch.float32
@@ -386,6 +389,115 @@ def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch, seed):
     assert calls == [1] and tensors[0].grad is not None
 
 
+# ---- dropout -------------------------------------------------------------------------------------
+
+
+def _reference64_dropout(tensors, p, drop_seed, grad=None):
+    """The float64 ground truth with dropout: the reference backend's op in float64 (the hash of
+    rosita_fast.ops._dropout decides which elements drop)."""
+    args = [t.detach().double().requires_grad_(True) if t is not None else None for t in tensors]
+    with rosita_fast.use_backend("reference"):
+        out = ops.linear_residual_layernorm(*args, EPS, dropout_p=p, dropout_seed=drop_seed)
+    if grad is None:
+        return out, None
+    return out, torch.autograd.grad(out, [a for a in args if a is not None], grad.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [((5,), 8, 1), ((3, 7), 40, 17), ((2, 19), 768, 384),
+                                   ((67,), 129, 1792)], ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_forward_backward(backend, dtype, shape, p, seed):
+    lead, k, n = shape
+    tensors = _inputs(lead, k, n, dtype, True, (seed % 2) == 0, requires_grad=True)
+    drop_seed = seed * 2654435761 % 2**32  # top bit set in about half the runs
+    with rosita_fast.use_backend(backend), poison_outputs():
+        out = ops.linear_residual_layernorm(*tensors, EPS, dropout_p=p, dropout_seed=drop_seed)
+        grad_out = torch.randn_like(out)
+        grads = _grads_of(out, tensors, grad_out)
+    ref, ref_grads = _reference64_dropout(tensors, p, drop_seed, grad_out)
+    m = out.numel() // n
+    assert_close(out, ref, dtype, f"{backend} forward", k=k)
+    mags = _magnitudes(tensors, grad_out)
+    for name, g, rg, mg in zip(_names(tensors), grads, ref_grads, mags, strict=True):
+        assert g.dtype == dtype
+        assert_close(g, rg, dtype, f"{backend} d{name}", k=max(k, n, m),
+                     magnitude=dropout_scale(p) * mg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_drops_the_hashed_elements(backend, seed):
+    # The training forward's y is dropout(x W^T + b) + residual: against the hash's own mask, and
+    # about a fraction p of the elements dropped.
+    p, drop_seed = 0.3, seed + 12345
+    x, w, b, res, lw, lb = _inputs((50,), 64, 96, torch.float32)
+    with rosita_fast.use_backend(backend):
+        _, y, _, _ = torch.ops.rosita_fast.linear_residual_layernorm_train(
+            x, w, b, res, lw, lb, EPS, p, drop_seed)
+    keep = keep_mask(drop_seed, torch.arange(50)[:, None], torch.arange(96)[None, :], p)
+    z = x.double() @ w.double().t() + b.double()
+    expected = torch.where(keep, z * dropout_scale(p), 0.0) + res.double()
+    assert_close(y, expected, torch.float32, "y", k=64)
+    dropped = 1 - keep.double().mean().item()
+    assert abs(dropped - p) < 6 * (p * (1 - p) / keep.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_seeds(backend, seed):
+    tensors = _inputs((4, 9), 24, 32, torch.float32)
+    with rosita_fast.use_backend(backend):
+        def run(**kw):
+            return ops.linear_residual_layernorm(*tensors, EPS, dropout_p=0.2, **kw)
+        a, b = run(dropout_seed=7), run(dropout_seed=7)
+        c = run(dropout_seed=8)
+        torch.manual_seed(seed)
+        d = run()
+        torch.manual_seed(seed)
+        e = run()
+        zero = ops.linear_residual_layernorm(*tensors, EPS, dropout_p=0.0, dropout_seed=7)
+        plain = ops.linear_residual_layernorm(*tensors, EPS)
+    assert torch.equal(a, b) and torch.equal(d, e)
+    assert not torch.equal(a, c)
+    assert torch.equal(zero, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_gradcheck_float64(backend, seed):
+    tensors = _inputs((2, 3), 9, 7, torch.float64, True, requires_grad=True)
+
+    def f(*a):
+        return ops.linear_residual_layernorm(*a, EPS, dropout_p=0.4, dropout_seed=seed)
+
+    with rosita_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-7)
+
+
+def test_dropout_opcheck(seed):
+    tensors = _inputs((3, 4), 10, 9, torch.float32, requires_grad=True)
+    train = torch.ops.rosita_fast.linear_residual_layernorm_train.default
+    backward = torch.ops.rosita_fast.linear_residual_layernorm_backward.default
+    torch.library.opcheck(train, (*tensors, EPS, 0.25, 99))
+    _, y, mean, rstd = train(*tensors, EPS, 0.25, 99)
+    x, w, b, res, lw, lb = (t.detach() for t in tensors)
+    grad = rand(3, 4, 9)
+    torch.library.opcheck(backward, (grad, x, w, b, None, lw, lb, EPS, y.detach(),
+                                     mean.detach(), rstd.detach(), 0.25, 99))
+
+
+def test_dropout_torch_compile(seed):
+    tensors = _inputs((3, 5), 16, 24, torch.float32, requires_grad=True)
+
+    def f(*a):
+        return ops.linear_residual_layernorm(*a, EPS, dropout_p=0.2, dropout_seed=5)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*tensors)
+    assert torch.equal(out, f(*tensors))
+    out.sum().backward()
+    assert all(t.grad is not None for t in tensors)
+
+
 class TestBadInput:
     def setup_method(self):
         self.args = list(_inputs((4,), 10, 8, torch.float32))
@@ -397,6 +509,17 @@ class TestBadInput:
         for name, value in changes.items():
             args[names[name]] = value
         return ops.linear_residual_layernorm(*args, eps, packed)
+
+    @pytest.mark.parametrize("p", [1.0, -0.1, float("nan"), 2])
+    def test_dropout_p_out_of_range(self, p):
+        with pytest.raises(ValueError, match="dropout_p must be in"):
+            ops.linear_residual_layernorm(*self.args, EPS, dropout_p=p)
+
+    def test_dropout_bad_types(self):
+        with pytest.raises(TypeError, match="dropout_p"):
+            ops.linear_residual_layernorm(*self.args, EPS, dropout_p="0.1")
+        with pytest.raises(TypeError, match="dropout_seed"):
+            ops.linear_residual_layernorm(*self.args, EPS, dropout_p=0.1, dropout_seed=1.5)
 
     def test_feature_mismatch_names_x(self):
         with pytest.raises(ValueError, match="x has 11 features"):

@@ -281,6 +281,37 @@ def test_public_op_autograd_matches_float64(dtype, with_bias):
         assert_close(t.grad, want, dtype, name, k=40)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "recompute"])
+def test_dropout_matches_float64(dtype, kept):
+    """Dropout in the GEMM epilogue and the backward row kernel: the same elements as the
+    reference's hash (float64 reference with the same seed), several GEMM tiles, LayerNorm
+    programs and backward row loops; strided inputs."""
+    p, seed = 0.3, int(torch.randint(0, 2**32, ()))
+    x = make((45, 40), "strided", dtype)
+    w = make((37, 40), "transposed", dtype, scale=40 ** -0.5)
+    bias = make((37,), "contig", dtype)
+    res = make((45, 37), "strided", dtype)
+    ln_w = make((37,), "contig", dtype, scale=0.2, shift=1.0)
+    ln_b = make((37,), "contig", dtype, scale=0.2)
+    grad = make((45, 37), "contig", dtype)
+    args64 = (x.double(), w.double(), bias.double(), res.double(), ln_w.double(), ln_b.double(),
+              EPS)
+    with rosita_fast.use_backend("reference"):
+        ref_out, *_ = torch.ops.rosita_fast.linear_residual_layernorm_train(*args64, p, seed)
+    ref_grads = reference_backward(grad.double(), *args64, dropout_p=p, seed=seed)
+    args = (x, w, bias, res, ln_w, ln_b, EPS)
+    with la.forced_tiles(BLOCK, rows=4, programs=3), poison_outputs():
+        out, y, mean, rstd = lk.linear_residual_layernorm_train(*args, p, seed)
+        saved = (y, mean, rstd) if kept else (None, None, None)
+        grads = lk.linear_residual_layernorm_backward(
+            grad, x, w, bias, None if kept else res, ln_w, ln_b, EPS, *saved, p, seed)
+    assert_close(out, ref_out, dtype, "out", k=45)
+    names = ("dx", "dweight", "dbias", "dresidual", "dln_weight", "dln_bias")
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
+        assert_close(got, want, dtype, name, k=45)
+
+
 def test_public_op_ignores_packed_weight_and_raises_for_float64():
     x, w, res, ln_w, ln_b = rand(6, 16), rand(8, 16), rand(6, 8), rand(8), rand(8)
     packed = rosita_fast.ops.pack_linear_weight(w)

@@ -1,4 +1,5 @@
-// C++ CPU kernels for multi-head attention: out = softmax(scale * q k^T + bias, masked keys) v.
+// C++ CPU kernels for multi-head attention:
+// out = dropout(softmax(scale * q k^T + bias, masked keys)) v.
 //
 // Forward: one work item per (batch, head, block of kBlockM query rows); at::parallel_for spreads
 // all items of a call over the threads jointly, so two heads at batch 1 still keep two cores busy.
@@ -25,6 +26,15 @@
 // that lets one machine run every variant). Softmax exponentials use the vectorizable polynomial
 // exp of epilogue.h (fp64 keeps libm's).
 //
+// Dropout (training forward and backward, dropout_p > 0): the counter-based hash of dropout.h
+// (bit for bit rosita_fast/ops/_dropout.py) decides each probability of (b, h, query i, key j)
+// from (seed, row (b H + h) Lq + i, column j); Z = keep * scale. The forward multiplies the
+// probability tile by Z before its product with V, while the running row sum l (hence lse) stays
+// the undropped softmax's; the backward regenerates Z: dV = (P Z)^T dO, dP = (dO V^T) Z,
+// dS = P (dP - delta) (delta = rowsum(dO O) is still rowsum(P dP) for the dropped output O). A
+// row's hash key is computed once per item (per query block in pass 2), the factors of a block row
+// in a small loop of integer ops the compiler vectorizes; without dropout none of it runs.
+//
 // Outputs (out, dq, dk, dv) are [B, H, L, D] views of [B, L, H, D] memory, allocated with
 // empty_output (NaN while tests poison outputs).
 #include <ATen/ATen.h>
@@ -40,6 +50,7 @@
 #include <vector>
 
 #include "rosita_fast/cpu_isa.h"
+#include "rosita_fast/dropout.h"
 #include "rosita_fast/epilogue.h"
 #include "rosita_fast/poison.h"
 
@@ -258,6 +269,29 @@ template <typename scalar_t> struct Args {
     }
   }
   bool keep(int64_t b, int64_t j) const { return mask == nullptr || mask[b * ms0 + j * ms1]; }
+
+  // dropout (training, p > 0): Z = keep * drop_scale, the keep decision a hash of
+  // (drop_seed, row (b H + h) Lq + i, column j)
+  bool dropout = false;
+  uint32_t drop_seed = 0, drop_threshold = 0;
+  acc_t drop_scale = 1;
+  uint32_t drop_key(int64_t b, int64_t h, int64_t i) const {
+    return dropout::row_key(drop_seed, (b * H + h) * Lq + i);
+  }
+  // z[0, n) = Z of the row with key `key` at columns j0 + 0..n.
+  ROSITA_ALWAYS_INLINE void drop_row(acc_t* z, uint32_t key, int64_t j0, int64_t n) const {
+    const uint32_t thr = drop_threshold;
+    const acc_t sc = drop_scale;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = dropout::keep(key, j0 + j, thr) ? sc : acc_t(0);
+  }
+  // z[0, n) = Z of the rows with keys key[0, n) at column j.
+  ROSITA_ALWAYS_INLINE void drop_column(acc_t* z, const uint32_t* key, int64_t j, int64_t n) const {
+    const uint32_t thr = drop_threshold;
+    const acc_t sc = drop_scale;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = dropout::keep(key[i], j, thr) ? sc : acc_t(0);
+  }
 };
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -278,9 +312,14 @@ ROSITA_ALWAYS_INLINE void forward_items(const Args<scalar_t>& a, int64_t t0, int
   acc_t* corr = l + BM;        // [BM] rescale factor of this key block
   acc_t* row_buf = corr + BM;  // [Dp]
   bool keep[BN];
+  acc_t z[BN];        // dropout factors of one block row
+  uint32_t dkey[BM];  // the rows' dropout keys
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / (a.H * nqb), h = (t / nqb) % a.H, i0 = (t % nqb) * BM;
     const int64_t rows = std::min(BM, a.Lq - i0);
+    if (a.dropout) {
+      for (int64_t r = 0; r < rows; ++r) dkey[r] = a.drop_key(b, h, i0 + r);
+    }
     load_rows(qs, Dp, a.q.at(b, h, i0), a.q.s2, a.q.s3, Tile{rows, rows, D}, a.scale);
     zero(o, rows * Dp);
     for (int64_t r = 0; r < rows; ++r) {
@@ -318,11 +357,24 @@ ROSITA_ALWAYS_INLINE void forward_items(const Args<scalar_t>& a, int64_t t0, int
         }
         corr[r] = exp_or_zero(m[r] - m_new);
         acc_t sum = 0;
+        if (a.dropout) {
+          // The sum (the softmax's denominator) is of the undropped probabilities; the tile
+          // multiplied into V is P Z. Padding columns have p = 0: their factors only need to be
+          // finite.
+          a.drop_row(z, dkey[r], j0, npad);
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < npad; ++j) {
-          const acc_t p = exp_or_zero(row[j] - m_new);
-          row[j] = p;
-          sum += p;
+          for (int64_t j = 0; j < npad; ++j) {
+            const acc_t p = exp_or_zero(row[j] - m_new);
+            row[j] = p * z[j];
+            sum += p;
+          }
+        } else {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < npad; ++j) {
+            const acc_t p = exp_or_zero(row[j] - m_new);
+            row[j] = p;
+            sum += p;
+          }
         }
         l[r] = l[r] * corr[r] + sum;
         m[r] = m_new;
@@ -393,8 +445,13 @@ ROSITA_ALWAYS_INLINE void backward_dq_item(const Args<scalar_t>& a, typename Acc
   acc_t* delta = lse + BM;      // [BM]
   acc_t* row_buf = delta + BM;  // [Dp]
   bool keep[BN];
+  acc_t z[BN];        // dropout factors of one block row
+  uint32_t dkey[BM];  // the rows' dropout keys
   const int64_t b = t / (a.H * nqb), h = (t / nqb) % a.H, i0 = (t % nqb) * BM;
   const int64_t rows = std::min(BM, a.Lq - i0);
+  if (a.dropout) {
+    for (int64_t r = 0; r < rows; ++r) dkey[r] = a.drop_key(b, h, i0 + r);
+  }
   const Tile qtile{rows, rows, D};
   load_rows(qs, Dp, a.q.at(b, h, i0), a.q.s2, a.q.s3, qtile, a.scale);
   load_rows(dor, Dp, a.grad.at(b, h, i0), a.grad.s2, a.grad.s3, qtile, acc_t(1));
@@ -428,9 +485,17 @@ ROSITA_ALWAYS_INLINE void backward_dq_item(const Args<scalar_t>& a, typename Acc
         for (int64_t j = 0; j < n; ++j) row[j] = keep[j] ? row[j] : kNegInf<acc_t>;
         for (int64_t j = n; j < npad; ++j) row[j] = kNegInf<acc_t>;
         const acc_t lse_r = lse[r], delta_r = delta[r];
+        if (a.dropout) {  // dP = (dO V^T) Z
+          a.drop_row(z, dkey[r], j0, npad);
 #pragma omp simd
-        for (int64_t j = 0; j < npad; ++j) {
-          row[j] = exp_or_zero(row[j] - lse_r) * (dprow[j] - delta_r);
+          for (int64_t j = 0; j < npad; ++j) {
+            row[j] = exp_or_zero(row[j] - lse_r) * (dprow[j] * z[j] - delta_r);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < npad; ++j) {
+            row[j] = exp_or_zero(row[j] - lse_r) * (dprow[j] - delta_r);
+          }
         }
       }
       if (dbias != nullptr) std::memcpy(dbias + r * a.Lk + j0, row, n * sizeof(acc_t));
@@ -467,6 +532,8 @@ ROSITA_ALWAYS_INLINE void backward_dkv_item(const Args<scalar_t>& a, typename Ac
   acc_t* delta = lse + BM;       // [BM]
   acc_t* row_buf = delta + BM;   // [Dp]
   bool keep[BN];
+  acc_t z[BM];        // dropout factors of one key's column of the query block
+  uint32_t dkey[BM];  // the query block's dropout row keys
   const int64_t b = t / (a.H * nkb), h = (t / nkb) % a.H, j0 = (t % nkb) * BN;
   const int64_t n = std::min(BN, a.Lk - j0);
   bool any = false;
@@ -496,6 +563,10 @@ ROSITA_ALWAYS_INLINE void backward_dkv_item(const Args<scalar_t>& a, typename Ac
       lse[i] = -kNegInf<acc_t>;
       delta[i] = 0;
     }
+    if (a.dropout) {
+      // Padding rows get keys too (their p is 0: the factors only need to be finite).
+      for (int64_t i = 0; i < mpad; ++i) dkey[i] = a.drop_key(b, h, i0 + i);
+    }
     gemm<acc_t, Isa>(n, mpad, D, kr, Dp, qt, BM, st, BM, false);
     gemm<acc_t, Isa>(n, mpad, D, vr, Dp, dot, BM, dpt, BM, false);
     for (int64_t j = 0; j < n; ++j) {
@@ -508,11 +579,21 @@ ROSITA_ALWAYS_INLINE void backward_dkv_item(const Args<scalar_t>& a, typename Ac
         continue;
       }
       if (a.has_bias()) a.add_bias(srow, rows, b, h, i0, j0 + j, true);
+      if (a.dropout) {  // dV takes P Z, dP = (dO V^T) Z
+        a.drop_column(z, dkey, j0 + j, mpad);
 #pragma omp simd
-      for (int64_t i = 0; i < mpad; ++i) {
-        const acc_t p = exp_or_zero(srow[i] - lse[i]);
-        prow[i] = p;
-        srow[i] = p * (dprow[i] - delta[i]);
+        for (int64_t i = 0; i < mpad; ++i) {
+          const acc_t p = exp_or_zero(srow[i] - lse[i]);
+          prow[i] = p * z[i];
+          srow[i] = p * (dprow[i] * z[i] - delta[i]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < mpad; ++i) {
+          const acc_t p = exp_or_zero(srow[i] - lse[i]);
+          prow[i] = p;
+          srow[i] = p * (dprow[i] - delta[i]);
+        }
       }
     }
     gemm<acc_t, Isa>(n, Dp, mpad, pt, BM, dor, Dp, dva, Dp, true);
@@ -692,15 +773,33 @@ at::Tensor expanded_bias(const std::optional<at::Tensor>& bias, const Shape& s) 
   return bias.has_value() ? bias->expand({s.B, s.H, s.Lq, s.Lk}) : at::Tensor();
 }
 
+void check_dropout(double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "attention (cpp): dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+// The seed is taken modulo 2^32, as by rosita_fast/ops/_dropout.py.
+template <typename scalar_t>
+void set_dropout(Args<scalar_t>& a, double dropout_p, int64_t seed) {
+  using acc_t = typename AccType<scalar_t>::type;
+  if (dropout_p == 0.0) return;
+  a.dropout = true;
+  a.drop_seed = static_cast<uint32_t>(seed);
+  a.drop_threshold = dropout::threshold(dropout_p);
+  a.drop_scale = static_cast<acc_t>(dropout::scale(dropout_p));
+}
+
 // Shared by the inference and the training forward; the training one also returns lse.
 std::tuple<at::Tensor, at::Tensor> forward_entry(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
                                                  const std::optional<at::Tensor>& mask,
                                                  const std::optional<at::Tensor>& bias,
-                                                 double scale, bool want_lse) {
+                                                 double scale, bool want_lse, double dropout_p,
+                                                 int64_t seed) {
   // Kernels compute; autograd is the op's business (rosita_fast/ops/attention.py).
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Shape sh = check_inputs(q, k, v, mask, bias);
+  check_dropout(dropout_p);
   auto out = empty_output({sh.B, sh.Lq, sh.H, sh.D}, q.options()).transpose(1, 2);
   const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
   auto lse = want_lse ? empty_output({sh.B, sh.H, sh.Lq}, acc_opts) : at::Tensor();
@@ -709,6 +808,7 @@ std::tuple<at::Tensor, at::Tensor> forward_entry(const at::Tensor& q, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     auto a = input_args<scalar_t>(sh, q, k, v, mask, bias_full, scale);
+    set_dropout(a, dropout_p, seed);
     a.out = mutable_view4<scalar_t>(out);
     a.lse_out = want_lse ? lse.mutable_data_ptr<acc_t>() : nullptr;
     const auto fn = forward_items_for<scalar_t>(call_isa());
@@ -720,23 +820,26 @@ std::tuple<at::Tensor, at::Tensor> forward_entry(const at::Tensor& q, const at::
 at::Tensor attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& mask,
                          const std::optional<at::Tensor>& bias, double scale) {
-  return std::get<0>(forward_entry(q, k, v, mask, bias, scale, false));
+  return std::get<0>(forward_entry(q, k, v, mask, bias, scale, false, 0.0, 0));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_train_fwd(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& v,
                                                        const std::optional<at::Tensor>& mask,
                                                        const std::optional<at::Tensor>& bias,
-                                                       double scale) {
-  return forward_entry(q, k, v, mask, bias, scale, true);
+                                                       double scale, double dropout_p,
+                                                       int64_t seed) {
+  return forward_entry(q, k, v, mask, bias, scale, true, dropout_p, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& bias, double scale, bool bias_needs_grad) {
+    const std::optional<at::Tensor>& bias, double scale, bool bias_needs_grad, double dropout_p,
+    int64_t seed) {
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Shape sh = check_inputs(q, k, v, mask, bias);
+  check_dropout(dropout_p);
   TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "attention backward (cpp): grad and out must have q's shape");
   TORCH_CHECK(grad.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
@@ -758,6 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     auto a = input_args<scalar_t>(sh, q, k, v, mask, bias_full, scale);
+    set_dropout(a, dropout_p, seed);
     a.grad = view4<scalar_t>(grad);
     a.o = view4<scalar_t>(out);
     a.lse = {lse_acc.const_data_ptr<acc_t>(), lse_acc.stride(0), lse_acc.stride(1),
@@ -779,12 +883,12 @@ TORCH_LIBRARY_FRAGMENT(rosita_fast, m) {
       "attention_cpp(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? bias, float scale) -> "
       "Tensor");
   m.def(
-      "attention_train_cpp(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? bias, float scale) "
-      "-> (Tensor, Tensor)");
+      "attention_train_cpp(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? bias, float scale, "
+      "float dropout_p=0.0, int seed=0) -> (Tensor, Tensor)");
   m.def(
       "attention_backward_cpp(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? mask, Tensor? bias, float scale, bool bias_needs_grad) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? mask, Tensor? bias, float scale, bool bias_needs_grad, float dropout_p=0.0, "
+      "int seed=0) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rosita_fast, CPU, m) {

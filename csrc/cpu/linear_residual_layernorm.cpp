@@ -14,8 +14,11 @@
 // The GEMM is not split into row blocks normalized straight out of it: a oneDNN call costs ~15-30 us
 // whatever its size, more than the separate pass over y (about a tenth of the GEMM's time at
 // 1024 x 512 x 768 fp32, one thread).
-// The op has no dropout: BERT applies dropout to the dense output before the residual add, so a
-// module in training with dropout p > 0 computes that block unfused.
+// Dropout (training only): BERT drops elements of the dense output before the residual add, so
+// with p > 0 the GEMM keeps only the bias in its epilogue and one pass per row applies the
+// counter-based mask (rosita_fast/dropout.h: a hash of (seed, row, column), nothing stored) and
+// adds the residual in place; the backward regenerates the mask to turn dy (the residual's
+// gradient) into the dense output's gradient dz = dy * mask * scale before the two GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/DispatchKeySet.h>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "rosita_fast/cpu_isa.h"
+#include "rosita_fast/dropout.h"
 #include "rosita_fast/onednn_linear.h"
 #include "rosita_fast/poison.h"
 
@@ -359,6 +363,76 @@ at::Tensor pre_norm(const at::Tensor& x, const at::Tensor& weight,
   return y.add_(res);
 }
 
+// y = dropout(x2d @ W^T + b) + residual ([m, n], the GEMM dtype, contiguous): the GEMM with the
+// bias only, then the mask, scale and residual add in place, row by row.
+at::Tensor pre_norm_dropout(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                            double p, int64_t seed) {
+  const auto gdt = onednn::gemm_dtype(x.scalar_type());
+  const int64_t n = weight.size(0);
+  const auto xg = flatten_rows(x.detach()).to(gdt);
+  const int64_t m = xg.size(0), k = xg.size(1);
+  const auto res = residual.detach().reshape({m, n}).to(gdt).contiguous();
+  const auto bg = bias.has_value() ? std::optional<at::Tensor>(bias->detach().to(gdt).contiguous())
+                                   : std::nullopt;
+  const auto wg = weight.detach().to(gdt);
+  at::Tensor z;
+  if (onednn::prefer(gdt, m, n, k, false)) {
+    z = onednn::linear_pointwise(xg, wg, bg);
+  } else {
+    z = bg.has_value() ? at::addmm(*bg, xg, wg.t()) : at::mm(xg, wg.t());
+  }
+  z = z.contiguous();
+  const uint32_t thr = dropout::threshold(p);
+  const uint32_t s32 = static_cast<uint32_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gdt, "lrln_dropout_fwd", [&] {
+    using Acc = acc_of<scalar_t>;
+    const Acc sc = static_cast<Acc>(dropout::scale(p));
+    scalar_t* zp = z.mutable_data_ptr<scalar_t>();
+    const scalar_t* rp = res.const_data_ptr<scalar_t>();
+    at::parallel_for(0, m, row_grain(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const uint32_t key = dropout::row_key(s32, i);
+        scalar_t* zr = zp + i * n;
+        const scalar_t* rr = rp + i * n;
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc f = dropout::keep(key, j, thr) ? sc : Acc(0);
+          zr[j] = store_as<scalar_t>(load_acc<Acc>(zr[j]) * f + load_acc<Acc>(rr[j]));
+        }
+      }
+    });
+  });
+  return z;
+}
+
+// dz = dy * mask * scale ([m, n], dy's dtype): the dense output's gradient under dropout.
+at::Tensor dropout_grad(const at::Tensor& dy, double p, int64_t seed) {
+  const int64_t m = dy.size(0), n = dy.size(1);
+  auto dz = empty_output({m, n}, dy.options());
+  const uint32_t thr = dropout::threshold(p);
+  const uint32_t s32 = static_cast<uint32_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dy.scalar_type(), "lrln_dropout_bwd", [&] {
+    using Acc = acc_of<scalar_t>;
+    const Acc sc = static_cast<Acc>(dropout::scale(p));
+    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, m, row_grain(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const uint32_t key = dropout::row_key(s32, i);
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc f = dropout::keep(key, j, thr) ? sc : Acc(0);
+          dp[i * n + j] = store_as<scalar_t>(load_acc<Acc>(gp[i * n + j]) * f);
+        }
+      }
+    });
+  });
+  return dz;
+}
+
+void check_dropout(double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "linear_residual_layernorm: dropout_p must be in [0, 1)");
+}
+
 at::Tensor acc_param(const at::Tensor& p) {
   return p.detach().to(acc_type(p.scalar_type())).contiguous();
 }
@@ -391,18 +465,20 @@ at::Tensor lrln_fwd(const at::Tensor& x, const at::Tensor& weight,
   return out.view(residual.sizes());
 }
 
-// Training forward: (out, y, mean, rstd) with y = x W^T + b + residual as [rows, n] in the GEMM
-// dtype (x's; fp32 for fp16: what the product gave, as inference normalizes) and mean, rstd [rows]
-// in fp32 (fp64 for fp64).
+// Training forward: (out, y, mean, rstd) with y = dropout(x W^T + b) + residual as [rows, n] in
+// the GEMM dtype (x's; fp32 for fp16: what the product gave, as inference normalizes) and mean,
+// rstd [rows] in fp32 (fp64 for fp64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrln_train_fwd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-    double eps) {
+    double eps, double dropout_p, int64_t seed) {
   ROSITA_KERNEL_GUARDS;
   check_inputs(x, weight, bias, ln_weight, ln_bias, eps);
   check_residual(x, residual, weight.size(0));
+  check_dropout(dropout_p);
   const auto dtype = x.scalar_type();
-  auto y = pre_norm(x, weight, bias, residual, nullptr);
+  auto y = dropout_p > 0 ? pre_norm_dropout(x, weight, bias, residual, dropout_p, seed)
+                         : pre_norm(x, weight, bias, residual, nullptr);
   const int64_t m = y.size(0);
   auto out = empty_output(y.sizes(), x.options());
   const auto stat_opts = x.options().dtype(acc_type(dtype));
@@ -417,9 +493,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
     const std::optional<at::Tensor>& y_saved, const std::optional<at::Tensor>& mean_saved,
-    const std::optional<at::Tensor>& rstd_saved) {
+    const std::optional<at::Tensor>& rstd_saved, double dropout_p, int64_t seed) {
   ROSITA_KERNEL_GUARDS;
   check_inputs(x, weight, bias, ln_weight, ln_bias, eps);
+  check_dropout(dropout_p);
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(),
               "linear_residual_layernorm backward: grad dtype must match x");
   const auto dtype = x.scalar_type();
@@ -444,7 +521,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK(residual.has_value() && residual->defined(),
                 "linear_residual_layernorm backward: needs either y, mean and rstd or residual");
     check_residual(x, *residual, n);
-    y = pre_norm(x, weight, bias, *residual, nullptr);
+    y = dropout_p > 0 ? pre_norm_dropout(x, weight, bias, *residual, dropout_p, seed)
+                      : pre_norm(x, weight, bias, *residual, nullptr);
     auto scratch = empty_output(y.sizes(), y.options());
     mean = empty_output({m}, x.options().dtype(acc));
     rstd = empty_output({m}, x.options().dtype(acc));
@@ -454,11 +532,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dy = empty_output({m, n}, x.options().dtype(gdt));
   const auto sums = ln_backward_pass(g2d, y, mean, rstd, acc_param(ln_weight), dy);
   const auto wg = weight.detach().to(gdt);
-  auto dx = onednn::mm_nt(dy, wg.t()).to(dtype).view(x.sizes());
-  auto dw = onednn::mm_nt(dy.t(), xg.t()).to(dtype);
+  // Under dropout the GEMMs and dbias take the dense output's gradient, dresidual keeps dy.
+  const auto dz = dropout_p > 0 ? dropout_grad(dy, dropout_p, seed) : dy;
+  auto dx = onednn::mm_nt(dz, wg.t()).to(dtype).view(x.sizes());
+  auto dw = onednn::mm_nt(dz.t(), xg.t()).to(dtype);
   // sums is one [3, n] buffer: each gradient gets its own copy (outputs must not alias).
   auto column = [&](int64_t i) { return sums[i].to(dtype, /*non_blocking=*/false, /*copy=*/true); };
-  auto db = bias.has_value() ? column(2) : at::empty({0}, x.options());
+  at::Tensor db = at::empty({0}, x.options());
+  if (bias.has_value()) {
+    db = dropout_p > 0 ? at::sum(dz, {0}, false, acc).to(dtype) : column(2);
+  }
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
   auto dres = dy.to(dtype).view(out_shape);
@@ -473,11 +556,13 @@ TORCH_LIBRARY_FRAGMENT(rosita_fast, m) {
       "Tensor ln_weight, Tensor ln_bias, float eps, Tensor? packed=None) -> Tensor");
   m.def(
       "linear_residual_layernorm_train_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor residual, "
-      "Tensor ln_weight, Tensor ln_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor ln_weight, Tensor ln_bias, float eps, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_residual_layernorm_backward_cpp(Tensor grad, Tensor x, Tensor weight, Tensor? bias, "
       "Tensor? residual, Tensor ln_weight, Tensor ln_bias, float eps, Tensor? y=None, "
-      "Tensor? mean=None, Tensor? rstd=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? mean=None, Tensor? rstd=None, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rosita_fast, CPU, m) {

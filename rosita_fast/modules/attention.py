@@ -45,10 +45,11 @@ class PrunedSelfAttention(DerivedCacheOwner):
     adopted, not copied. ``forward(x, key_mask=None, position_bias=None)`` returns
     ``LayerNorm(x + O(attention(Q(x), K(x), V(x))))`` of shape ``x.shape``.
 
-    In training mode, dropout follows the source model's config: with attention-probability
-    dropout > 0 the attention itself runs on ``F.scaled_dot_product_attention`` (the fused op has no
-    dropout), and with hidden dropout > 0 the residual add and LayerNorm run unfused after the
-    output projection; ``fused_paths()`` says which parts are fused for the current mode.
+    In training mode, dropout follows the source model's config and runs inside the fused ops
+    (their counter-based dropout: the masks differ from ``nn.Dropout``'s draws but have the same
+    distribution): attention-probability dropout in ``attention``, hidden dropout in
+    ``linear_residual_layernorm``. Forward hooks on a projection unfuse the part they touch;
+    ``fused_paths()`` says which parts are fused now.
     """
 
     def __init__(
@@ -123,11 +124,10 @@ class PrunedSelfAttention(DerivedCacheOwner):
         return self._fused(q, k, v, o)
 
     def _fused(self, q, k, v, o) -> dict[str, bool]:
-        train = self.training
         return {
             "qkv": not (has_hooks(q) or has_hooks(k) or has_hooks(v)),
-            "attention": not (train and self.attention_dropout > 0),
-            "output_layernorm": not (train and self.hidden_dropout > 0) and not has_hooks(o),
+            "attention": True,
+            "output_layernorm": not has_hooks(o),
         }
 
     def _qkv(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, rows: int):
@@ -203,29 +203,17 @@ class PrunedSelfAttention(DerivedCacheOwner):
             qh, kh, vh = (m(hidden_states).view(batch, length, heads, size).transpose(1, 2)
                           for m in (q, k, v))
         score_bias = self._bias(position_bias, heads)
-        if fused["attention"]:
-            context = attention(qh, kh, vh, key_mask, score_bias, self.scale)
-        else:
-            context = _sdpa_with_dropout(qh, kh, vh, key_mask, score_bias, self.scale,
-                                         self.attention_dropout)
+        train = self.training
+        context = attention(qh, kh, vh, key_mask, score_bias, self.scale,
+                            dropout_p=self.attention_dropout if train else 0.0)
         context = context.transpose(1, 2).reshape(batch, length, heads * size)
+        drop = self.hidden_dropout if train else 0.0
         if fused["output_layernorm"]:
             return linear_residual_layernorm(
                 context, o.weight, o.bias, hidden_states, ln.weight, ln.bias, ln.eps,
-                self._packed("o", o, rows),
+                self._packed("o", o, rows) if drop == 0 else None, dropout_p=drop,
             )
         z = o(context) if has_hooks(o) else linear_act(context, o.weight, o.bias, "none")
         z = F.dropout(z, self.hidden_dropout, training=self.training)
         return F.layer_norm(z + hidden_states, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
-
-def _sdpa_with_dropout(q, k, v, key_mask, bias, scale, p):
-    # Training with attention dropout: torch's SDPA, whose dropout the fused op does not have.
-    mask = None
-    if key_mask is not None:
-        mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-        mask = mask.masked_fill(~key_mask, torch.finfo(q.dtype).min)[:, None, None, :]
-    if bias is not None:
-        bias = bias.to(q.dtype)
-        mask = bias if mask is None else mask + bias
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)

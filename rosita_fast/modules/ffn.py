@@ -50,9 +50,11 @@ class FusedFFN(DerivedCacheOwner):
     """``LayerNorm(x + dropout(W2 act(W1 x + b1) + b2))`` with ``W1``/``W2`` any width.
 
     Children: ``intermediate`` (holds the first linear as ``dense``) and ``output`` (holds
-    ``dense`` and ``LayerNorm``), the Hugging Face modules themselves. In training mode with hidden
-    dropout > 0 the residual add and LayerNorm run unfused after the second linear (the op has no
-    dropout); :meth:`fused_paths` says so.
+    ``dense`` and ``LayerNorm``), the Hugging Face modules themselves. In training mode the hidden
+    dropout runs inside ``linear_residual_layernorm`` (its counter-based dropout; the mask differs
+    from ``nn.Dropout``'s draw but has the same distribution). A forward hook on the second linear
+    unfuses the output block (the stock module is called so the hook fires); :meth:`fused_paths`
+    says so.
     """
 
     def __init__(
@@ -86,8 +88,7 @@ class FusedFFN(DerivedCacheOwner):
         """Which parts run fused in the given (default: current) mode."""
         training = self.training if training is None else training
         return {"input_activation": not has_hooks(self.intermediate.dense),
-                "output_layernorm": not (training and self.hidden_dropout > 0)
-                and not has_hooks(self.output.dense)}
+                "output_layernorm": not has_hooks(self.output.dense)}
 
     def _packed(self, name: str, linear: nn.Linear, rows: int):
         if records_grad(linear.weight, linear.bias):
@@ -107,10 +108,11 @@ class FusedFFN(DerivedCacheOwner):
                            self._packed("in", first, rows))
         else:
             h = self.intermediate(x)
+        drop = self.hidden_dropout if training else 0.0
         if fused["output_layernorm"]:
             return linear_residual_layernorm(
                 h, second.weight, second.bias, x, ln.weight, ln.bias, ln.eps,
-                self._packed("out", second, rows),
+                self._packed("out", second, rows) if drop == 0 else None, dropout_p=drop,
             )
         z = second(h) if has_hooks(second) else linear_act(h, second.weight, second.bias, "none")
         z = F.dropout(z, self.hidden_dropout, training=training)

@@ -1,11 +1,17 @@
-"""``attention``: multi-head scaled dot-product attention with a key padding mask and a score bias.
+"""``attention``: multi-head scaled dot-product attention with a key padding mask, a score bias and
+attention-probability dropout.
 
-``out = softmax(scale * q k^T + bias, masked keys excluded) v``, per batch and head.
+``out = dropout(softmax(scale * q k^T + bias, masked keys excluded)) v``, per batch and head.
 
 Everything about the op lives here: the plain-PyTorch ground truth, the input checks, the fake
 functions, the backend tables (reference, C++ ``csrc/cpu/attention.cpp``, Triton
 ``kernels/attention.py``) and the autograd formula (flash-attention style: the training forward
 keeps the row log-sum-exp of the scores, the backward recomputes the probabilities from it).
+
+Dropout (``dropout_p > 0``, training) is the counter-based dropout of ``rosita_fast.ops._dropout``:
+the probability of (batch b, head h, query i, key j) is kept or dropped by a hash of (seed, row
+``(b * H + h) * Lq + i``, column ``j``), so no mask is stored, the backward regenerates it, and
+every backend drops the same elements for the same seed. ``lse`` stays the undropped softmax's.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._autocast import autocast_inputs
+from rosita_fast.ops._dropout import check_dropout, draw_seed, dropout_scale, keep_mask
 from rosita_fast.ops._registry import define_op, lazy, native
 
 __all__ = ["attention", "reference_backward", "reference_forward"]
@@ -52,6 +59,15 @@ def _scores(q, k, mask, bias, scale):
     return s
 
 
+def _dropout_factor(s: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``Z = keep * scale`` (0 where dropped) on the ``[B, H, Lq, Lk]`` grid of the scores ``s``,
+    in s's dtype: row ``(b * H + h) * Lq + i``, column ``j``."""
+    b, h, lq, lk = s.shape
+    rows = torch.arange(b * h * lq, device=s.device).view(b, h, lq, 1)
+    cols = torch.arange(lk, device=s.device)
+    return keep_mask(seed, rows, cols, p).to(s.dtype) * dropout_scale(p)
+
+
 def reference_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,15 +75,20 @@ def reference_forward(
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """``softmax(scale * q k^T + bias, masked keys excluded) v`` in plain PyTorch (materializes
-    the ``[B, H, Lq, Lk]`` scores; fp16/bf16 accumulate in fp32). A row whose scores are all
-    ``-inf`` (every key masked) gives zeros. The output has the kernels' memory layout."""
-    return _reference_train(q, k, v, mask, bias, scale)[0]
+    """``dropout(softmax(scale * q k^T + bias, masked keys excluded)) v`` in plain PyTorch
+    (materializes the ``[B, H, Lq, Lk]`` scores; fp16/bf16 accumulate in fp32). A row whose scores
+    are all ``-inf`` (every key masked) gives zeros. The output has the kernels' memory layout.
+    ``dropout_p``, ``seed``: the dropout (see the module docstring; ``dropout_p = 0``: none),
+    differentiable through autograd like the rest."""
+    return _reference_train(q, k, v, mask, bias, scale, dropout_p, seed)[0]
 
 
-def _reference_train(q, k, v, mask, bias, scale):
-    # (output, lse): lse = log-sum-exp of the scores per row, -inf for a row with no key left.
+def _reference_train(q, k, v, mask, bias, scale, dropout_p=0.0, seed=0):
+    # (output, lse): lse = log-sum-exp of the (undropped) scores per row, -inf for a row with no
+    # key left.
     s = _scores(q, k, mask, bias, scale)
     # The max only stabilizes exp: detached, it leaves the (exact) gradient alone.
     m = s.detach().amax(-1, keepdim=True)
@@ -75,6 +96,8 @@ def _reference_train(q, k, v, mask, bias, scale):
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
     p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if dropout_p > 0:
+        p = p * _dropout_factor(p, dropout_p, seed)
     out = torch.matmul(p, _acc(v)).to(q.dtype)
     lse = (m + torch.log(denom)).squeeze(-1)
     return _seq_major(out), lse
@@ -91,12 +114,16 @@ def reference_backward(
     bias: torch.Tensor | None,
     scale: float,
     bias_needs_grad: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(dq, dk, dv, dbias_full)`` of :func:`reference_forward`, written out in the kernels'
-    decomposition: ``delta = rowsum(dO * O)``, ``P = exp(S - lse)``, ``dV = P^T dO``,
-    ``dP = dO V^T``, ``dS = P (dP - delta)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``.
-    ``dbias_full`` is ``dS`` at the full ``[B, H, Lq, Lk]`` shape in the accumulation dtype (fp32,
-    fp64 for fp64 inputs), or None unless ``bias_needs_grad``; the op reduces it to bias's shape.
+    decomposition: ``delta = rowsum(dO * O)``, ``P = exp(S - lse)``, ``dV = (P Z)^T dO``,
+    ``dP = (dO V^T) Z``, ``dS = P (dP - delta)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``, where
+    ``Z`` is the dropout's ``keep * scale`` for the forward's ``dropout_p`` and ``seed`` (1 without
+    dropout). ``dbias_full`` is ``dS`` at the full ``[B, H, Lq, Lk]`` shape in the accumulation
+    dtype (fp32, fp64 for fp64 inputs), or None unless ``bias_needs_grad``; the op reduces it to
+    bias's shape.
     """
     s = _scores(q, k, mask, bias, scale)
     lse_ = lse.unsqueeze(-1).to(s.dtype)
@@ -104,8 +131,13 @@ def reference_backward(
     p = torch.exp(s - torch.where(torch.isneginf(lse_), torch.zeros_like(lse_), lse_))
     do = _acc(grad)
     delta = (do * _acc(out)).sum(-1, keepdim=True)
-    dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, _acc(v).transpose(-1, -2))
+    if dropout_p > 0:
+        z = _dropout_factor(p, dropout_p, seed)
+        dv = torch.matmul((p * z).transpose(-1, -2), do)
+        dp = dp * z
+    else:
+        dv = torch.matmul(p.transpose(-1, -2), do)
     ds = p * (dp - delta)
     dq = torch.matmul(ds, _acc(k)) * scale
     dk = torch.matmul(ds.transpose(-1, -2), _acc(q)) * scale
@@ -132,14 +164,15 @@ def _fake_forward(q, k, v, mask, bias, scale):
     return _seq_major_empty(q, q.shape)
 
 
-def _fake_train(q, k, v, mask, bias, scale):
+def _fake_train(q, k, v, mask, bias, scale, dropout_p=0.0, seed=0):
     b, h, lq, _ = q.shape
     return _fake_forward(q, k, v, mask, bias, scale), q.new_empty(
         (b, h, lq), dtype=_acc_dtype(q.dtype)
     )
 
 
-def _fake_backward(grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad):
+def _fake_backward(grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad, dropout_p=0.0,
+                   seed=0):
     b, h, lq, _ = q.shape
     if bias is not None and bias_needs_grad:
         db = q.new_empty((b, h, lq, k.shape[2]), dtype=_acc_dtype(q.dtype))
@@ -165,11 +198,12 @@ _FWD = define_op(
 )
 
 # The training forward: the output and lse ([B, H, Lq], fp32; fp64 for fp64 inputs; -inf for a
-# row with no key left), from which the backward recomputes the probabilities. Used by attention
-# when autograd records.
+# row with no key left; of the undropped softmax), from which the backward recomputes the
+# probabilities. Used by attention when autograd records, and for every call with dropout (the
+# inference op has none). seed: the dropout's, taken modulo 2^32.
 _TRAIN = define_op(
     "attention_train",
-    f"({_SCHEMA_ARGS}) -> (Tensor, Tensor)",
+    f"({_SCHEMA_ARGS}, float dropout_p=0.0, int seed=0) -> (Tensor, Tensor)",
     {
         "reference": _reference_train,
         "cpp": native("attention_train_cpp"),
@@ -182,8 +216,8 @@ _TRAIN = define_op(
 
 def _bias_grad_as_tensor(backward):
     # Custom ops cannot return None: an empty tensor stands for "no bias gradient".
-    def run(grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad):
-        dq, dk, dv, db = backward(grad, q, k, v, out, lse, mask, bias, scale, bias_needs_grad)
+    def run(grad, q, *args):
+        dq, dk, dv, db = backward(grad, q, *args)
         return dq, dk, dv, db if db is not None else q.new_empty(0)
 
     return run
@@ -192,7 +226,8 @@ def _bias_grad_as_tensor(backward):
 _BWD = define_op(
     "attention_backward",
     "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-    "Tensor? bias, float scale, bool bias_needs_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? bias, float scale, bool bias_needs_grad, float dropout_p=0.0, int seed=0) -> "
+    "(Tensor, Tensor, Tensor, Tensor)",
     {
         "reference": _bias_grad_as_tensor(reference_backward),
         "cpp": native("attention_backward_cpp"),
@@ -219,7 +254,11 @@ def _reduce_bias_grad(dbias_full: torch.Tensor, bias: torch.Tensor) -> torch.Ten
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, bias, scale = inputs
+    # The plain op's inputs end at scale; the training op's add dropout_p and seed, which the
+    # backward needs to regenerate the dropout mask.
+    q, k, v, mask, bias, scale, *dropout = inputs
+    ctx.num_inputs = len(inputs)
+    ctx.dropout_p, ctx.seed = dropout if dropout else (0.0, 0)
     # The training op's output is (out, lse): lse is kept for the backward. The plain op (called
     # directly while autograd records) keeps none; its backward recomputes it.
     out, lse = output if isinstance(output, tuple) else (output, None)
@@ -242,7 +281,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *unused_grad_lse):
     if grad is None:  # (grads are not materialized: see _setup_context)
-        return (None,) * 6
+        return (None,) * ctx.num_inputs
     q, k, v, out, lse, mask, bias = ctx.saved_tensors
     mask = mask if ctx.has_mask else None
     bias = bias if ctx.has_bias else None
@@ -251,9 +290,10 @@ def _backward(ctx, grad, *unused_grad_lse):
     with use_backend(ctx.backend) if carry else contextlib.nullcontext():
         if not ctx.has_lse:
             lse = _TRAIN(q, k, v, mask, bias, ctx.scale)[1]
-        dq, dk, dv, db = _BWD(grad, q, k, v, out, lse, mask, bias, ctx.scale, bias_needs_grad)
+        dq, dk, dv, db = _BWD(grad, q, k, v, out, lse, mask, bias, ctx.scale, bias_needs_grad,
+                              ctx.dropout_p, ctx.seed)
     dbias = _reduce_bias_grad(db, bias) if bias_needs_grad else None
-    return dq, dk, dv, None, dbias, None
+    return (dq, dk, dv, None, dbias) + (None,) * (ctx.num_inputs - 5)
 
 
 _FWD.register_autograd(_backward, _setup_context)
@@ -387,8 +427,10 @@ def attention(
     mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
-    """Multi-head attention: ``softmax(scale * q @ k^T + bias, masked keys excluded) @ v``.
+    """Multi-head attention: ``dropout(softmax(scale * q @ k^T + bias, masked keys excluded)) @ v``.
 
     Args:
         q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]`` (same dtype). Any strides with a contiguous
@@ -401,6 +443,13 @@ def attention(
             or 1, fewer dims are right-aligned), e.g. MPNet's relative position bias
             ``[1, H, L, L]``; q's dtype or float32. Differentiable.
         scale: the score scale, default ``1 / sqrt(D)``.
+        dropout_p: the probability, in ``[0, 1)``, of dropping an attention probability (a kept
+            one is scaled by the inverse of the exact keep probability, so the expectation is
+            unchanged); 0 (the default) is no dropout. Unlike ``nn.Dropout`` this does not look
+            at ``module.training``: the caller passes 0 at evaluation.
+        dropout_seed: the dropout mask's seed (any int, taken modulo 2^32). None (the default)
+            draws one from torch's default CPU generator, so ``torch.manual_seed`` reproduces the
+            masks; the same seed gives the same mask.
 
     Returns ``[B, H, Lq, D]`` in q's dtype whose memory is laid out as ``[B, Lq, H, D]``, so
     ``out.transpose(1, 2).reshape(B, Lq, H * D)`` copies nothing. fp16/bf16 accumulate in fp32.
@@ -413,7 +462,19 @@ def attention(
     ``reference`` (plain PyTorch). Differentiable in q, k, v and bias; while autograd records,
     the forward also keeps the row log-sum-exp of the scores (``[B, H, Lq]``, fp32) and the
     backward recomputes the probabilities from it (flash-attention style).
+
+    Dropout: the probability of (batch ``b``, head ``h``, query ``i``, key ``j``) is dropped by a
+    hash of ``(seed, row = (b * H + h) * Lq + i, column = j)`` (``rosita_fast.ops._dropout``;
+    every backend drops the same elements for the same seed). No mask is stored: the backward
+    regenerates it from the seed. The row log-sum-exp is the undropped softmax's. A call with
+    ``dropout_p > 0`` always runs the training kernels (also under ``torch.no_grad``); a fully
+    masked query row still gives zeros. Under ``torch.compile`` pass ``dropout_seed``: drawing
+    one reads a tensor's value, a graph break (an error with ``fullgraph=True``).
     """
+    # The default (a float 0.0, no seed) skips the checks: they cost microseconds, the no-grad
+    # fast path's whole budget at small sizes.
+    if dropout_p.__class__ is not float or dropout_p != 0.0 or dropout_seed is not None:
+        dropout_p, dropout_seed = check_dropout(dropout_p, dropout_seed, "attention")
     if isinstance(q, torch.Tensor):
         q, k, v, bias = autocast_inputs(q, k, v, bias)
         if scale is None and q.dim() == 4:
@@ -429,6 +490,13 @@ def attention(
         q.requires_grad or k.requires_grad or v.requires_grad
         or (bias is not None and bias.requires_grad)
     )
+    if dropout_p > 0:
+        if dropout_seed is None:
+            dropout_seed = draw_seed()
+        if needs_grad:
+            return _TRAIN(q, k, v, mask, bias, scale, dropout_p, dropout_seed)[0]
+        # The inference op has no dropout: the training op's no-grad fast path (its lse is unused).
+        return _TRAIN.call(q, k, v, mask, bias, scale, dropout_p, dropout_seed)[0]
     if needs_grad:
         return _TRAIN(q, k, v, mask, bias, scale)[0]
     return _FWD.call(q, k, v, mask, bias, scale)

@@ -1,13 +1,14 @@
-"""``linear_residual_layernorm``: ``LayerNorm(x @ weight^T + bias + residual)``, the end of BERT's
-SelfOutput and Output blocks (dense, dropout, residual add, LayerNorm) for dropout inactive.
+"""``linear_residual_layernorm``: ``LayerNorm(dropout(x @ weight^T + bias) + residual)``, the end of
+BERT's SelfOutput and Output blocks (dense, dropout, residual add, LayerNorm).
 
 Everything about the op lives here: the plain-PyTorch ground truth, the input checks, the fake
 functions, the backend tables (reference, C++ ``csrc/cpu/linear_residual_layernorm.cpp``) and the
 autograd formula. The packed weight comes from ``rosita_fast.ops.pack_linear_weight``.
 
-The op has no dropout. BERT applies dropout to the dense output, between the GEMM and the residual
-add, so a module in training with dropout p > 0 computes that block unfused instead of calling this
-op (at inference, and for p = 0, dropout is the identity).
+Dropout (``dropout_p > 0``, training) is the counter-based dropout of ``rosita_fast.ops._dropout``:
+the element at (row, column) of the dense output ``[rows, out_features]`` is kept or dropped by a
+hash of (seed, row, column), so no mask is stored and the backward regenerates it; every backend
+drops the same elements for the same seed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from rosita_fast.backends import forced_backend, use_backend
 from rosita_fast.ops._autocast import autocast_inputs
+from rosita_fast.ops._dropout import check_dropout, draw_seed, dropout_scale, keep_mask
 from rosita_fast.ops._registry import define_op, lazy, native
 from rosita_fast.ops.linear_act import check_packed, gemm_dtype
 
@@ -33,13 +35,25 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _pre_norm(x, weight, bias, residual):
-    # y = x weight^T + bias + residual as [rows, out_features] in the accumulation dtype.
+def _pre_norm(x, weight, bias, residual, dropout_p=0.0, seed=0):
+    # y = dropout(x weight^T + bias) + residual as [rows, out_features] in the accumulation dtype.
+    # Under dropout the dense output is rounded to the GEMM dtype first, as the kernels' GEMM
+    # leaves it before the masked residual pass.
     n = weight.shape[0]
     y = _acc(x.reshape(-1, x.shape[-1])) @ _acc(weight).t()
     if bias is not None:
         y = y + _acc(bias)
+    if dropout_p > 0:
+        y = _acc(y.to(gemm_dtype(x.dtype))) * _dropout_factor(y.shape, dropout_p, seed, y)
     return y + _acc(residual.reshape(-1, n))
+
+
+def _dropout_factor(shape, p, seed, like):
+    # mask * scale over the [rows, n] dense output (row, column coordinates), in like's dtype.
+    rows, n = shape
+    keep = keep_mask(seed, torch.arange(rows, device=like.device)[:, None],
+                     torch.arange(n, device=like.device)[None, :], p)
+    return keep.to(like.dtype) * dropout_scale(p)
 
 
 def _normalize(y, ln_weight, ln_bias, eps):
@@ -68,10 +82,11 @@ def reference_forward(
     return _reference_train(x, weight, bias, residual, ln_weight, ln_bias, eps)[0]
 
 
-def _reference_train(x, weight, bias, residual, ln_weight, ln_bias, eps):
-    # (output, y = x weight^T + bias + residual as [rows, n] in the GEMM dtype, mean, rstd [rows]
-    # in the accumulation dtype, computed from that y: the backward's replay is then exact)
-    y = _pre_norm(x, weight, bias, residual).to(gemm_dtype(x.dtype))
+def _reference_train(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p=0.0, seed=0):
+    # (output, y = dropout(x weight^T + bias) + residual as [rows, n] in the GEMM dtype, mean,
+    # rstd [rows] in the accumulation dtype, computed from that y: the backward's replay is then
+    # exact)
+    y = _pre_norm(x, weight, bias, residual, dropout_p, seed).to(gemm_dtype(x.dtype))
     out, mean, rstd = _normalize(_acc(y), ln_weight, ln_bias, eps)
     return out.to(x.dtype).view(residual.shape), y, mean, rstd
 
@@ -88,6 +103,8 @@ def reference_backward(
     y: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """``(dx, dweight, dbias, dresidual, dln_weight, dln_bias)`` of :func:`reference_forward`,
     written out in the kernels' decomposition: per row ``xhat = (y - mean) * rstd``,
@@ -95,7 +112,10 @@ def reference_backward(
     ``dresidual`` and the GEMM output's gradient), then ``dx = dy @ weight``,
     ``dweight = dy^T @ x``, column sums for ``dbias``, ``dln_weight``, ``dln_bias``. ``y``,
     ``mean`` and ``rstd`` are the training forward's if it kept them; else they are recomputed
-    (from ``residual``, which is then required). ``dbias`` is None without a bias."""
+    (from ``residual``, which is then required). ``dbias`` is None without a bias. With
+    ``dropout_p > 0`` (the training forward's ``dropout_p`` and ``seed``) ``dy`` is the residual's
+    gradient and the dense output's is ``dz = dy * mask * scale``, which the two products and
+    ``dbias`` take."""
     n = weight.shape[0]
     x2d = _acc(x.reshape(-1, x.shape[-1]))
     g = _acc(grad.reshape(-1, n))
@@ -103,17 +123,19 @@ def reference_backward(
         if residual is None:
             raise ValueError("linear_residual_layernorm backward: needs y, mean and rstd or "
                              "residual")
-        _, y, mean, rstd = _reference_train(x, weight, bias, residual, ln_weight, ln_bias, eps)
+        _, y, mean, rstd = _reference_train(x, weight, bias, residual, ln_weight, ln_bias, eps,
+                                            dropout_p, seed)
     y, mean, rstd = _acc(y.reshape(-1, n)), _acc(mean.reshape(-1)), _acc(rstd.reshape(-1))
     xhat = (y - mean[:, None]) * rstd[:, None]
     gg = g * _acc(ln_weight)
     a = gg.mean(-1, keepdim=True)
     b = (gg * xhat).mean(-1, keepdim=True)
     dy = rstd[:, None] * (gg - a - xhat * b)
+    dz = dy * _dropout_factor(dy.shape, dropout_p, seed, dy) if dropout_p > 0 else dy
     w = _acc(weight)
-    dx = (dy @ w).to(x.dtype).view(x.shape)
-    dweight = (dy.t() @ x2d).to(weight.dtype)
-    dbias = dy.sum(0).to(bias.dtype) if bias is not None else None
+    dx = (dz @ w).to(x.dtype).view(x.shape)
+    dweight = (dz.t() @ x2d).to(weight.dtype)
+    dbias = dz.sum(0).to(bias.dtype) if bias is not None else None
     dresidual = dy.to(x.dtype).view(*x.shape[:-1], n)
     dln_weight = (g * xhat).sum(0).to(ln_weight.dtype)
     dln_bias = g.sum(0).to(ln_bias.dtype)
@@ -127,7 +149,7 @@ def _fake_forward(x, weight, bias, residual, ln_weight, ln_bias, eps, packed=Non
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _fake_train(x, weight, bias, residual, ln_weight, ln_bias, eps):
+def _fake_train(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p=0.0, seed=0):
     acc = x.dtype if x.dtype == torch.float64 else torch.float32
     rows, n = math.prod(x.shape[:-1]), weight.shape[0]
     return (_fake_forward(x, weight, bias, residual, ln_weight, ln_bias, eps),
@@ -136,7 +158,7 @@ def _fake_train(x, weight, bias, residual, ln_weight, ln_bias, eps):
 
 
 def _fake_backward(grad, x, weight, bias, residual, ln_weight, ln_bias, eps, y=None, mean=None,
-                   rstd=None):
+                   rstd=None, dropout_p=0.0, seed=0):
     db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     return (x.new_empty(x.shape), weight.new_empty(weight.shape), db,
             x.new_empty((*x.shape[:-1], weight.shape[0])), ln_weight.new_empty(ln_weight.shape),
@@ -159,15 +181,16 @@ _FWD = define_op(
     _fake_forward,
 )
 
-# The training forward: the output, y = x weight^T + bias + residual ([rows, n] in the GEMM dtype:
-# x's, fp32 for fp16) and each row's mean and 1/std ([rows], fp32; fp64 for fp64). With them the
-# backward replays the forward's normalized rows exactly without the GEMM; they cost as much memory
-# as keeping the normalized rows would (plus 8 bytes a row), where keeping only the output would
-# cost the backward a third GEMM. Used by linear_residual_layernorm while autograd records.
+# The training forward: the output, y = dropout(x weight^T + bias) + residual ([rows, n] in the
+# GEMM dtype: x's, fp32 for fp16) and each row's mean and 1/std ([rows], fp32; fp64 for fp64).
+# With them the backward replays the forward's normalized rows exactly without the GEMM; they cost
+# as much memory as keeping the normalized rows would (plus 8 bytes a row), where keeping only the
+# output would cost the backward a third GEMM. Used by linear_residual_layernorm while autograd
+# records, and for every call with dropout (the inference op has none).
 _TRAIN = define_op(
     "linear_residual_layernorm_train",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor ln_weight, Tensor ln_bias, "
-    "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "float eps, float dropout_p=0.0, int seed=0) -> (Tensor, Tensor, Tensor, Tensor)",
     {
         "reference": _reference_train,
         "cpp": native("linear_residual_layernorm_train_cpp"),
@@ -187,8 +210,8 @@ def _bias_grad_as_tensor(*args):
 _BWD = define_op(
     "linear_residual_layernorm_backward",
     "(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor ln_weight, "
-    "Tensor ln_bias, float eps, Tensor? y=None, Tensor? mean=None, Tensor? rstd=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor ln_bias, float eps, Tensor? y=None, Tensor? mean=None, Tensor? rstd=None, "
+    "float dropout_p=0.0, int seed=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     {
         "reference": _bias_grad_as_tensor,
         "cpp": native("linear_residual_layernorm_backward_cpp"),
@@ -205,6 +228,7 @@ def _setup_context(ctx, inputs, output):
     # not needed (nor kept alive). The plain op keeps the residual and the backward recomputes.
     if isinstance(output, tuple):
         _, y, mean, rstd = output
+        ctx.dropout = (inputs[7], inputs[8]) if len(inputs) > 8 else (0.0, 0)
         ctx.mark_non_differentiable(y, mean, rstd)
         # The extra outputs are non-differentiable and never get a gradient: without this autograd
         # would materialize a zero tensor the size of each one before calling the backward.
@@ -212,6 +236,7 @@ def _setup_context(ctx, inputs, output):
         residual = None
     else:
         y = mean = rstd = None
+        ctx.dropout = (0.0, 0)
     ctx.save_for_backward(x, weight, bias, residual, ln_weight, ln_bias, y, mean, rstd)
     ctx.present = tuple(t is not None for t in (bias, residual, y))
     ctx.eps = eps
@@ -227,7 +252,8 @@ def _backward(ctx, grad, *unused_grads):
     x, weight, bias, residual, ln_weight, ln_bias, y, mean, rstd = ctx.saved_tensors
     has_bias, has_residual, has_y = ctx.present
     args = (grad, x, weight, bias if has_bias else None, residual if has_residual else None,
-            ln_weight, ln_bias, ctx.eps, *((y, mean, rstd) if has_y else (None, None, None)))
+            ln_weight, ln_bias, ctx.eps, *((y, mean, rstd) if has_y else (None, None, None)),
+            *ctx.dropout)
     if ctx.backend is not None and forced_backend() != ctx.backend:
         with use_backend(ctx.backend):
             dx, dw, db, dres, dlw, dlb = _BWD(*args)
@@ -336,11 +362,11 @@ def linear_residual_layernorm(
     ln_bias: torch.Tensor,
     eps: float,
     packed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(x @ weight.T + bias + residual)`` over the last dimension, with affine
-    ``ln_weight``/``ln_bias``: BERT's SelfOutput/Output (dense, dropout, residual, LayerNorm) with
-    the dropout inactive. The op has no dropout: in training with dropout p > 0 a module computes
-    that block unfused.
+    """``LayerNorm(dropout(x @ weight.T + bias) + residual)`` over the last dimension, with affine
+    ``ln_weight``/``ln_bias``: BERT's SelfOutput/Output (dense, dropout, residual, LayerNorm).
 
     Args:
         x: input ``[..., in_features]`` (any leading dimensions, any strides).
@@ -353,6 +379,14 @@ def linear_residual_layernorm(
             and dtype are checked). Only the C++ backend uses it; the reference ignores it, and so
             does a call that records autograd, is traced by ``torch.compile``, or whose weight
             autocast casts.
+        dropout_p: the probability of dropping an element of the dense output ``x @ weight.T +
+            bias`` (kept ones are scaled by the inverse keep probability), in [0, 1). Applied
+            whenever it is > 0, like ``F.dropout(..., training=True)``: pass 0 at inference.
+            The mask is a hash of (seed, row, column) over the dense output seen as
+            ``[rows, out_features]`` (``rosita_fast.ops._dropout``): not stored, regenerated by
+            the backward, the same in every backend.
+        dropout_seed: the mask's seed (an int, modulo 2^32); None draws one from torch's default
+            generator, so ``torch.manual_seed`` makes runs reproducible.
 
     Returns ``[..., out_features]`` in ``x``'s dtype; fp16/bf16 accumulate in fp32 and the
     LayerNorm statistics are fp32 (fp64 for fp64). Under ``torch.autocast`` the floating inputs
@@ -364,6 +398,9 @@ def linear_residual_layernorm(
     (plain PyTorch). Differentiable in every tensor argument. While autograd records, the forward
     keeps the pre-LayerNorm rows ``y`` (the size of the output, in x's dtype; fp32 for fp16) and
     each row's mean and 1/std (fp32), so the backward needs no GEMM beyond its two (dx, dweight).
+    ``triton`` (CUDA default) runs the GEMM with the epilogue and a LayerNorm row kernel. With
+    dropout the GEMM's epilogue applies the mask before the residual add (C++: the bias only in
+    oneDNN's epilogue, then one pass per row for mask, scale and residual).
     """
     if isinstance(x, torch.Tensor):
         cast = autocast_inputs(x, weight, bias, residual, ln_weight, ln_bias)
@@ -372,6 +409,9 @@ def linear_residual_layernorm(
         x, weight, bias, residual, ln_weight, ln_bias = cast
     if isinstance(eps, int) and not isinstance(eps, bool):
         eps = float(eps)
+    if dropout_p != 0.0 or dropout_seed is not None:
+        dropout_p, dropout_seed = check_dropout(dropout_p, dropout_seed,
+                                                "linear_residual_layernorm")
     if packed is not None and torch.compiler.is_compiling():
         packed = None  # an MKLDNN tensor has no fake (meta) form: traced graphs take the weight
     _check(x, weight, bias, residual, ln_weight, ln_bias, eps, packed)
@@ -380,6 +420,9 @@ def linear_residual_layernorm(
         or ln_weight.requires_grad or ln_bias.requires_grad
         or (bias is not None and bias.requires_grad)
     )
+    if dropout_p > 0:
+        seed = draw_seed() if dropout_seed is None else dropout_seed
+        return _TRAIN(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed)[0]
     if needs_grad:
         return _TRAIN(x, weight, bias, residual, ln_weight, ln_bias, eps)[0]
     return _FWD.call(x, weight, bias, residual, ln_weight, ln_bias, eps, packed)
