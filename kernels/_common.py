@@ -84,6 +84,14 @@ def dropout_keep(seed, rows, cols, threshold):
     return (h >> 8) >= threshold.to(tl.uint32)
 
 
+def seed_int32(seed: int) -> int:
+    """A dropout seed as the kernels take it: its 32 bits (modulo 2^32) as a signed int32, so every
+    seed has the JIT's int32 type and shares one compiled kernel (``dropout_keep`` reads the bits
+    back as uint32)."""
+    seed = int(seed) & 0xFFFFFFFF
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
+
+
 @triton.jit
 def _dropout_mix(x):
     x = x ^ (x >> 16)

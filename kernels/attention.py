@@ -85,6 +85,7 @@ from ._common import (
     empty,
     load_tile,
     offsets_2d,
+    seed_int32,
     triton_interpreting,
 )
 
@@ -529,9 +530,8 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
     that are never read, of the same types)."""
     if dropout_p == 0:
         return dict(seed=0, drop_threshold=0, drop_scale=1.0, DROPOUT=False)
-    seed = int(seed) & 0xFFFFFFFF
     return dict(
-        seed=seed - (1 << 32) if seed >= 1 << 31 else seed,
+        seed=seed_int32(seed),
         drop_threshold=dropout_threshold(dropout_p), drop_scale=float(dropout_scale(dropout_p)),
         DROPOUT=True,
     )

@@ -60,6 +60,7 @@ from ._common import (
     dropout_keep,
     empty,
     offsets_2d,
+    seed_int32,
     sm_count,
 )
 from .linear_act import (
@@ -275,8 +276,7 @@ def row_programs(row_blocks: int, device: torch.device) -> int:
 
 def _drop_args(dropout_p: float, seed: int) -> dict:
     # Runtime dropout arguments (one compiled kernel for every p and seed): the seed as int32.
-    seed = int(seed) & 0xFFFFFFFF
-    return dict(DROPOUT=int(dropout_p > 0), seed=seed - (1 << 32) if seed >= 1 << 31 else seed,
+    return dict(DROPOUT=int(dropout_p > 0), seed=seed_int32(seed),
                 drop_threshold=dropout_threshold(dropout_p),
                 drop_scale=float(dropout_scale(dropout_p)))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from rosita_fast.kernels._common import dropout_keep
+from rosita_fast.kernels._common import dropout_keep, seed_int32
 
 from rosita_fast.ops._dropout import (
     check_dropout,
@@ -32,9 +32,9 @@ def _keep_kernel(out_ptr, seed, threshold, row0, R, C, BLOCK_R: tl.constexpr,
 
 def _triton_keep(seed, row0, rows, cols, p):
     out = torch.full((rows, cols), 7, dtype=torch.int8)  # poison: 7 is neither 0 nor 1
-    s32 = seed - (1 << 32) if seed >= 1 << 31 else seed  # the launchers pass seeds as int32
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 32))
-    _keep_kernel[grid](out, s32, dropout_threshold(p), row0, rows, cols, BLOCK_R=16, BLOCK_C=32)
+    _keep_kernel[grid](out, seed_int32(seed), dropout_threshold(p), row0, rows, cols, BLOCK_R=16,
+                       BLOCK_C=32)
     return out
 
 
