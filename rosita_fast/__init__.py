@@ -7,7 +7,7 @@ ops (``rosita_fast.ops``) -> kernels (``rosita_fast.kernels``, ``rosita_fast._C`
 
 from rosita_fast import ops
 from rosita_fast.backends import BACKENDS, available_backends, use_backend
-from rosita_fast.fast_modules import FastModulesConfig
+from rosita_fast.fast_modules import FastModulesConfig, first_token_output
 from rosita_fast.modules import (
     FastTransformerLayer,
     FusedEmbedding,
@@ -59,6 +59,7 @@ __all__ = [
     "available_backends",
     "compress",
     "count_parameters",
+    "first_token_output",
     "models",
     "ops",
     "prune_",

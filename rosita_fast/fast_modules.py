@@ -12,6 +12,7 @@ and the compression engine's adapter paths (``prune_``, ``PruningSchedule``) kee
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 from torch import nn
@@ -20,7 +21,8 @@ from rosita_fast.modules.embedding import FusedEmbedding
 from rosita_fast.modules.layer import FastTransformerLayer
 from rosita_fast.swap import SwapConfig, register_swap_handler
 
-__all__ = ["FastModulesConfig", "fast_targets", "is_fast", "stock_copy"]
+__all__ = ["FastModulesConfig", "can_output_first_token", "fast_targets", "first_token_output",
+           "first_token_reader", "is_fast", "logits_context", "stock_copy"]
 
 
 @dataclass
@@ -69,6 +71,72 @@ def stock_copy(model: nn.Module) -> nn.Module:
 def is_fast(model: nn.Module) -> bool:
     """Whether any module of ``model`` is a fast layer or fused embedding."""
     return any(isinstance(m, FastTransformerLayer | FusedEmbedding) for m in model.modules())
+
+
+def first_token_reader(model: nn.Module) -> bool:
+    """Whether ``model``'s head reads only the first position of the encoder's last layer: the
+    sequence classifiers of BERT, RoBERTa and MPNet (and their students), whose pooler or
+    classification head takes ``hidden_states[:, 0]``."""
+    from transformers import (
+        BertForSequenceClassification,
+        MPNetForSequenceClassification,
+        RobertaForSequenceClassification,
+    )
+
+    return isinstance(model, BertForSequenceClassification | RobertaForSequenceClassification
+                      | MPNetForSequenceClassification)
+
+
+def _last_layer(model: nn.Module) -> nn.Module | None:
+    from rosita_fast.models.adapter import adapter_for
+
+    try:
+        layers = adapter_for(model).layer_list(model)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return layers[-1] if len(layers) else None
+
+
+def can_output_first_token(model: nn.Module) -> bool:
+    """Whether :func:`first_token_output` applies to ``model``: a first-token sequence classifier
+    (:func:`first_token_reader`) whose last encoder layer is a fast layer."""
+    return first_token_reader(model) and isinstance(_last_layer(model), FastTransformerLayer)
+
+
+def logits_context(model: nn.Module) -> AbstractContextManager:
+    """For a forward pass whose caller reads only the logits: :func:`first_token_output` where
+    it applies (:func:`can_output_first_token`), else a context that changes nothing."""
+    return first_token_output(model) if can_output_first_token(model) else nullcontext()
+
+
+@contextmanager
+def first_token_output(model: nn.Module) -> Iterator[None]:
+    """Within the block, the last encoder layer of a fast ``model`` computes the first position
+    only: its keys and values still come from every position, but its queries, attention output
+    and FFN run for one row per sequence instead of ``L``, so the logits are the same (to
+    rounding) at a fraction of that layer's cost. For the logits of a sequence classifier; the
+    encoder's ``last_hidden_state`` is ``[B, 1, hidden]`` meanwhile, so do not ask for hidden
+    states (their last entry would be that) inside the block.
+
+    Raises ``TypeError`` when ``model``'s head reads more than the first token
+    (:func:`first_token_reader`) and ``ValueError`` when its last layer is not a fast layer
+    (swap it first with :class:`FastModulesConfig`).
+    """
+    if not first_token_reader(model):
+        raise TypeError(
+            f"first_token_output: {type(model).__name__} may read more than the first token; "
+            "only BERT/RoBERTa/MPNet sequence classifiers are supported"
+        )
+    last = _last_layer(model)
+    if not isinstance(last, FastTransformerLayer):
+        raise ValueError("first_token_output: the model's last layer is not a fast layer; swap "
+                         "it with rosita_fast.swap_(model, FastModulesConfig()) first")
+    before = last.first_token_only
+    last.first_token_only = True
+    try:
+        yield
+    finally:
+        last.first_token_only = before
 
 
 def _reinstall_output_recording(model: nn.Module, config: FastModulesConfig) -> None:

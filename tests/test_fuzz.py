@@ -10,6 +10,7 @@ on every run (and replays a failure it has seen before).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -341,8 +342,9 @@ def _check_embedding(case) -> None:
 
 
 def _width(draw) -> int:
-    # Up to 70, or a few hundred: with up to 25 rows the C++ backend takes both its MKL route (fp32
-    # products under 2^20 multiply-adds, 2^18 with a packed weight) and oneDNN.
+    # Up to 70, or a few hundred: with up to 25 rows the C++ backend takes both its small-product
+    # ATen route (fp32 products under 2^20 multiply-adds, 2^18 with a packed weight) and the
+    # library of the drawn GEMM route.
     return draw(st.one_of(st.integers(1, 70), st.integers(200, 500)))
 
 
@@ -669,14 +671,33 @@ FUZZ: dict[str, FuzzEntry] = {
 }
 
 
+# The C++ backend's fp32 GEMM route (oneDNN or ATen, tests/test_gemm_route.py) is drawn too, so
+# both libraries see every op's fuzzed shapes whatever this CPU's calibration picks.
+_ROUTES = ("onednn", "aten") if "cpp" in rosita_fast.available_backends() else (None,)
+
+
+@contextmanager
+def _gemm_route(route: str | None):
+    if route is None:
+        yield
+        return
+    before = ops.gemm_route()["setting"]
+    ops.set_gemm_route(route)
+    try:
+        yield
+    finally:
+        ops.set_gemm_route(before)
+
+
 @pytest.mark.parametrize("op", sorted(FUZZ))
 def test_fuzz_against_float64_reference(op):
     entry = FUZZ[op]
 
     @settings(max_examples=entry.max_examples, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(entry.cases())
-    def run(case):
-        entry.check(case)
+    @given(entry.cases(), st.sampled_from(_ROUTES))
+    def run(case, route):
+        with _gemm_route(route):
+            entry.check(case)
 
     run()

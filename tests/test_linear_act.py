@@ -1,6 +1,6 @@
 """linear_act: every runnable backend against a float64 reference, forward and backward, packed and
-unpacked weights, the C++ kernel's paths (oneDNN and the small-product MKL route, row chunks over
-threads), autograd bookkeeping, opcheck, torch.compile and bad input."""
+unpacked weights, the C++ kernel's paths (the GEMM route's library and the small-product ATen
+route, row chunks over threads), autograd bookkeeping, opcheck, torch.compile and bad input."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from rosita_fast.testing import poison_outputs
 BACKENDS = [p for p in runnable_backends("linear_act") if p.values[0] != "triton"]
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
 # (leading dims, in, out): widths 1, 8, 40, 384, 768, 1792 and odd ones; rows 1, 5, 21, 37, 38,
-# 67. Products below 2^20 multiply-adds take the C++ backend's MKL route (2^18 with a packed
-# weight), larger ones oneDNN: both are here.
+# 67. Products below 2^20 multiply-adds take the C++ backend's ATen route (2^18 with a packed
+# weight), larger ones the library of the GEMM route (oneDNN or ATen, whichever the calibration
+# picked on this CPU; tests/test_gemm_route.py and the fuzz tests force each): both are here.
 SHAPES = [
     ((1,), 1, 1),
     ((5,), 8, 1),

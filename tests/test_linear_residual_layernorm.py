@@ -1,8 +1,8 @@
 """linear_residual_layernorm: every runnable backend against a float64 reference, forward and
 backward (all six gradients), packed and unpacked weights, dropout (the same elements dropped as
-the reference's hash), the C++ kernel's paths (oneDNN with the fused residual add and the
-small-product MKL route, row chunks over threads), autograd bookkeeping, opcheck, torch.compile
-and bad input."""
+the reference's hash), the C++ kernel's paths (oneDNN with the fused residual add or ATen, as the
+GEMM route picks, and the small-product ATen route, row chunks over threads), autograd
+bookkeeping, opcheck, torch.compile and bad input."""
 
 from __future__ import annotations
 

@@ -165,6 +165,13 @@ class KDLoss:
         """Whether models must run with ``output_attentions=True`` (and eager attention)."""
         return bool(self.config.attention_weight)
 
+    @property
+    def logits_only(self) -> bool:
+        """Whether every active term reads only the models' logits (no hidden states or
+        attention maps): a first-token classifier's last layer then needs only its first
+        position (:func:`rosita_fast.first_token_output`)."""
+        return not (self.needs_hidden_states or self.needs_attentions)
+
     def model_kwargs(self) -> dict[str, bool]:
         """Keyword arguments for the student's and teacher's forward calls."""
         return {"output_hidden_states": self.needs_hidden_states,

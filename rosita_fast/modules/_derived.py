@@ -34,10 +34,16 @@ def records_grad(*params: torch.Tensor | None) -> bool:
 
 def pack_for_inference(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """The prepacked form of a GEMM weight for the C++ backend, or ``None`` (under
-    ``torch.compile`` the graph keeps plain weights; inductor does its own packing)."""
+    ``torch.compile`` the graph keeps plain weights, inductor does its own packing; and where the
+    fp32 GEMM route sends forward products to ATen, which would never read the packed copy)."""
     if torch.compiler.is_compiling():
         return None
-    from rosita_fast.ops import pack_linear_weight
+    from rosita_fast.ops import gemm_route, pack_linear_weight
+
+    if weight.dtype in (torch.float32, torch.float16):
+        route = gemm_route()
+        if route is not None and route["forward"] == "aten":
+            return None
 
     return pack_linear_weight(weight, batch_hint=rows)
 

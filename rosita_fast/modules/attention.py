@@ -130,16 +130,19 @@ class PrunedSelfAttention(DerivedCacheOwner):
             "output_layernorm": not has_hooks(o),
         }
 
-    def _qkv(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, rows: int):
-        sources = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
-        biases = (q.bias, k.bias, v.bias)
+    def _stacked(self, name: str, linears: tuple[nn.Linear, ...], rows: int):
+        """The linears' weights (and biases) stacked into one GEMM: cached and prepacked while no
+        gradient is recorded, rebuilt on every call otherwise (the cat is then part of the
+        graph)."""
+        sources = tuple(lin.weight for lin in linears) + tuple(lin.bias for lin in linears)
+        biases = tuple(lin.bias for lin in linears)
 
         def fused():
-            weight = torch.cat((q.weight, k.weight, v.weight))
+            weight = torch.cat([lin.weight for lin in linears])
             if all(b is None for b in biases):
                 return weight, None
             parts = [b if b is not None else lin.weight.new_zeros(lin.out_features)
-                     for b, lin in zip(biases, (q, k, v), strict=True)]
+                     for b, lin in zip(biases, linears, strict=True)]
             return weight, torch.cat(parts)
 
         if records_grad(*sources):
@@ -150,7 +153,7 @@ class PrunedSelfAttention(DerivedCacheOwner):
             weight, bias = fused()
             return weight, bias, pack_for_inference(weight, rows)
 
-        return self._derived.get("qkv", sources, build)
+        return self._derived.get(name, sources, build)
 
     def _packed(self, name: str, linear: nn.Linear, rows: int):
         if records_grad(linear.weight, linear.bias):
@@ -183,11 +186,15 @@ class PrunedSelfAttention(DerivedCacheOwner):
         hidden_states: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         position_bias: torch.Tensor | None = None,
+        query_rows: int | None = None,
     ) -> torch.Tensor:
         """``LayerNorm(x + O(attention))`` for ``x`` of shape ``[B, L, hidden]``.
 
         ``key_mask``: bool ``[B, L]`` (True = attend) or ``None``; ``position_bias``: additive
         score bias ``[B or 1, heads of the encoder, L, L]`` (MPNet), narrowed to this block's heads.
+        ``query_rows``: compute the output of the first ``query_rows`` positions only (they still
+        attend to all ``L`` keys), ``[B, query_rows, hidden]``: what a classifier that reads the
+        first token needs from the last layer; ``None``: every position.
         """
         q, k, v, o, ln = self.projections()
         batch, length, _ = hidden_states.shape
@@ -195,25 +202,44 @@ class PrunedSelfAttention(DerivedCacheOwner):
         heads = q.out_features // size
         rows = batch * length
         fused = self._fused(q, k, v, o)
-        if fused["qkv"]:
-            weight, bias, packed = self._qkv(q, k, v, rows)
-            qkv = linear_act(hidden_states, weight, bias, "none", packed)
-            qh, kh, vh = qkv.view(batch, length, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
+        if query_rows is None:
+            qlen, residual = length, hidden_states
+            if fused["qkv"]:
+                weight, bias, packed = self._stacked("qkv", (q, k, v), rows)
+                qkv = linear_act(hidden_states, weight, bias, "none", packed)
+                qh, kh, vh = (qkv.view(batch, length, 3, heads, size).permute(2, 0, 3, 1, 4)
+                              .unbind(0))
+            else:
+                qh, kh, vh = (m(hidden_states).view(batch, length, heads, size).transpose(1, 2)
+                              for m in (q, k, v))
         else:
-            qh, kh, vh = (m(hidden_states).view(batch, length, heads, size).transpose(1, 2)
-                          for m in (q, k, v))
+            if not isinstance(query_rows, int) or not 1 <= query_rows <= length:
+                raise ValueError(f"query_rows must be an int in [1, {length}], got {query_rows!r}")
+            qlen, residual = query_rows, hidden_states[:, :query_rows]
+            if fused["qkv"]:
+                weight, bias, packed = self._stacked("q", (q,), batch * qlen)
+                qh = linear_act(residual, weight, bias, "none", packed)
+                weight, bias, packed = self._stacked("kv", (k, v), rows)
+                kv = linear_act(hidden_states, weight, bias, "none", packed)
+                kh, vh = kv.view(batch, length, 2, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                qh = q(residual)
+                kh, vh = (m(hidden_states).view(batch, length, heads, size).transpose(1, 2)
+                          for m in (k, v))
+            qh = qh.view(batch, qlen, heads, size).transpose(1, 2)
         score_bias = self._bias(position_bias, heads)
+        if score_bias is not None and qlen != length:
+            score_bias = score_bias[:, :, :qlen]
         train = self.training
         context = attention(qh, kh, vh, key_mask, score_bias, self.scale,
                             dropout_p=self.attention_dropout if train else 0.0)
-        context = context.transpose(1, 2).reshape(batch, length, heads * size)
+        context = context.transpose(1, 2).reshape(batch, qlen, heads * size)
         drop = self.hidden_dropout if train else 0.0
         if fused["output_layernorm"]:
             return linear_residual_layernorm(
-                context, o.weight, o.bias, hidden_states, ln.weight, ln.bias, ln.eps,
-                self._packed("o", o, rows) if drop == 0 else None, dropout_p=drop,
+                context, o.weight, o.bias, residual, ln.weight, ln.bias, ln.eps,
+                self._packed("o", o, batch * qlen) if drop == 0 else None, dropout_p=drop,
             )
         z = o(context) if has_hooks(o) else linear_act(context, o.weight, o.bias, "none")
         z = F.dropout(z, self.hidden_dropout, training=self.training)
-        return F.layer_norm(z + hidden_states, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-
+        return F.layer_norm(z + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)

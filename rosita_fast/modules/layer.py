@@ -52,6 +52,10 @@ class FastTransformerLayer(nn.Module):
     it). Unsupported on purpose (``ValueError`` at build or call): decoder layers with
     cross-attention, caches, and returning attention probabilities (the fused attention never
     forms them).
+
+    ``first_token_only`` (default False): return only the first position's output, ``[B, 1,
+    hidden]``; every position still serves as a key. Set it through
+    :func:`rosita_fast.first_token_output`, which checks that nothing reads the other positions.
     """
 
     def __init__(self, attention: PrunedSelfAttention, ffn: FusedFFN, style: str) -> None:
@@ -65,6 +69,9 @@ class FastTransformerLayer(nn.Module):
         # every parameter keeps exactly one (stock) name.
         object.__setattr__(self, "_ffn", ffn)
         self.style = style
+        # Output only the first position (rosita_fast.first_token_output sets it on a model's
+        # last layer while only a first-token classifier reads the encoder's output).
+        self.first_token_only = False
 
     @classmethod
     def from_layer(cls, layer: nn.Module, adapter, config) -> FastTransformerLayer:
@@ -100,8 +107,10 @@ class FastTransformerLayer(nn.Module):
         key_mask: torch.Tensor | None,
         position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The layer's output for a ``[B, Lk]`` bool key padding mask (or ``None``)."""
-        attended = self.attention(hidden_states, key_mask, position_bias)
+        """The layer's output for a ``[B, Lk]`` bool key padding mask (or ``None``): ``[B, L,
+        hidden]``, or ``[B, 1, hidden]`` (the first position only) while ``first_token_only``."""
+        attended = self.attention(hidden_states, key_mask, position_bias,
+                                  1 if self.first_token_only else None)
         return self._ffn.run(attended, self.training)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):

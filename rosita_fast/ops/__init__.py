@@ -9,7 +9,8 @@ fakes, dispatch by backend, the no-grad fast path). Backends: ``reference`` (pla
 
 Public entry points (stable): :func:`lowrank_linear`, :func:`attention`, :func:`linear_act`,
 :func:`linear_residual_layernorm` (and :func:`pack_linear_weight`, the prepacked weight the last
-two take, with :func:`packing_supported`), :func:`embedding_layernorm`, :func:`kd_logits_loss`,
+two take, with :func:`packing_supported`; :func:`gemm_route` and :func:`set_gemm_route` pick the
+library of their fp32 GEMMs), :func:`embedding_layernorm`, :func:`kd_logits_loss`,
 :func:`fused_linear_kd_loss`, :func:`hidden_mse_loss`. :data:`OPS` lists every public op and its
 backends.
 """
@@ -21,6 +22,7 @@ import warnings
 import torch
 
 from rosita_fast._extension import HAS_CPP, warn_cpp_fallback
+from rosita_fast.ops._gemm_route import GEMM_ROUTES, apply_env_route, gemm_route, set_gemm_route
 from rosita_fast.ops._registry import REGISTRY, public_ops
 from rosita_fast.ops.attention import attention
 from rosita_fast.ops.embedding_layernorm import embedding_layernorm
@@ -32,11 +34,13 @@ from rosita_fast.ops.linear_residual_layernorm import linear_residual_layernorm
 from rosita_fast.ops.lowrank_linear import lowrank_linear
 
 __all__ = [
+    "GEMM_ROUTES",
     "OPS",
     "REGISTRY",
     "attention",
     "embedding_layernorm",
     "fused_linear_kd_loss",
+    "gemm_route",
     "hidden_mse_loss",
     "kd_logits_loss",
     "linear_act",
@@ -44,6 +48,7 @@ __all__ = [
     "lowrank_linear",
     "pack_linear_weight",
     "packing_supported",
+    "set_gemm_route",
 ]
 
 #: The public ops and the backends each one implements.
@@ -51,6 +56,8 @@ OPS: dict[str, tuple[str, ...]] = public_ops()
 
 if not HAS_CPP:
     warn_cpp_fallback(list(OPS))
+
+apply_env_route()
 
 # Reference on CUDA would be a silent fallback: say so if neither GPU backend can run.
 if torch.cuda.is_available():

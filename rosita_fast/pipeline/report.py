@@ -118,6 +118,8 @@ def _trained_on(outcome: Any) -> str:
         parts.append("fused AdamW")
     if paths.get("teacher_cache"):
         parts.append("cache")
+    if paths.get("first_token"):
+        parts.append("first-token last layer")
     return ", ".join(parts)
 
 
@@ -213,8 +215,9 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
 
 def provenance(recipe: Recipe) -> dict[str, Any]:
     """What a run needs to be repeated: the recipe (plain data), every seed it uses (each
-    stage's training seed and the data sampling seed) and the versions of the libraries that
-    decide its numbers."""
+    stage's training seed and the data sampling seed), the versions of the libraries that
+    decide its numbers, and the C++ backend's fp32 GEMM route (:func:`rosita_fast.ops.gemm_route`:
+    the library changes the rounding)."""
     seeds = {spec.name: recipe.train_config(spec).seed for spec in recipe.stages}
     seeds["data subset"] = recipe.data.subset_seed
     versions = {"python": platform.python_version()}
@@ -223,7 +226,10 @@ def provenance(recipe: Recipe) -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
-    return {"recipe": recipe.to_dict(), "seeds": seeds, "versions": versions}
+    from ..ops import gemm_route
+
+    return {"recipe": recipe.to_dict(), "seeds": seeds, "versions": versions,
+            "gemm_route": gemm_route()}
 
 
 def _baseline_cells(row: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ..data import DynamicPaddingCollator, GlueTask, encode_examples, get_task
 from ..distill.teacher_cache import TeacherCache
+from ..fast_modules import can_output_first_token
 from ..train import Trainer, TrainResult
 from ..train.atomic import write_json_atomic
 from ..train.evaluation import evaluate
@@ -350,7 +351,8 @@ def _paths(config, trainer: Trainer) -> dict[str, bool]:
     fused_adamw = bool(getattr(trainer.optimizer, "defaults", {}).get("fused"))
     return {"fast_modules": config.fast_modules, "fused_losses": config.fused_losses,
             "fused_optimizer": fused_adamw, "teacher_cache": trainer.teacher_cache is not None,
-            "distils": trainer.kd.needs_teacher}
+            "distils": trainer.kd.needs_teacher,
+            "first_token": bool(trainer.kd.logits_only and can_output_first_token(trainer.model))}
 
 
 def read_stage_walls(run_dir: Path, recipe: Recipe) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data import DataError, GlueTask, compute_metrics
+from ..fast_modules import logits_context
 
 __all__ = ["evaluate"]
 
@@ -24,7 +25,9 @@ def evaluate(
 ) -> dict[str, float]:
     """All of ``task``'s metrics of ``model`` on labelled ``batches`` (dropout off).
 
-    The model's train/eval mode is restored afterwards.
+    Only the logits are read, so a fast first-token classifier runs its last layer for the first
+    position only (:func:`rosita_fast.fast_modules.logits_context`). The model's train/eval mode
+    is restored afterwards.
 
     Raises:
         DataError: a batch has no labels (an unlabelled test split passed as dev data).
@@ -33,12 +36,13 @@ def evaluate(
     model.eval()
     logits, labels = [], []
     try:
-        for batch in batches:
-            if "labels" not in batch:
-                raise DataError("the evaluation data has no labels; pass a labelled dev split")
-            inputs = {k: batch[k].to(device) for k in _INPUTS if k in batch}
-            logits.append(model(**inputs).logits.float().cpu())
-            labels.append(batch["labels"])
+        with logits_context(model):
+            for batch in batches:
+                if "labels" not in batch:
+                    raise DataError("the evaluation data has no labels; pass a labelled dev split")
+                inputs = {k: batch[k].to(device) for k in _INPUTS if k in batch}
+                logits.append(model(**inputs).logits.float().cpu())
+                labels.append(batch["labels"])
     finally:
         model.train(was_training)
     if not logits:

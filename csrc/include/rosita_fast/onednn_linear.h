@@ -1,18 +1,25 @@
-// The dense GEMMs of the C++ CPU kernels, through oneDNN where it is the fastest library here.
+// The dense GEMMs of the C++ CPU kernels: oneDNN or ATen (MKL), whichever is faster on this CPU.
 //
-// torch's default CPU GEMM for fp32 (at::addmm / at::mm, i.e. MKL) runs at about half the speed of
-// oneDNN's inner-product primitive on the AMD EPYC development machines (measured, 1 thread, fp32:
-// [64 x 768] @ [768 x 384]^T 585 vs 369 us, [1024 x 512] @ [512 x 768]^T 12.5 vs 5.3 ms). oneDNN is
-// reached through the dispatcher as torch's own `mkldnn::_linear_pointwise` ops (no oneDNN headers
-// or link flags): they take plain, strided (transposed views included) or prepacked weights, fuse
-// bias + GELU (or ReLU) or a residual add into the GEMM, and accumulate bf16 in fp32.
+// Which library multiplies fastest depends on the CPU. oneDNN's inner-product primitive (reached
+// through the dispatcher as torch's own `mkldnn::_linear_pointwise` ops: no oneDNN headers or link
+// flags) fuses bias + GELU/ReLU or a residual add into the GEMM and takes plain, strided
+// (transposed views) or prepacked weights. torch's default CPU GEMM (at::addmm / at::mm, MKL in
+// torch's wheels) has no fused epilogue; the kernels then finish the product in their own row pass.
+// Measured with 1 thread, fp32, at the BERT layer shapes: on one AMD EPYC VM oneDNN ran at twice
+// MKL's speed ([1024 x 512] @ [512 x 768]^T: 5.3 vs 12.5 ms); on another (AMD EPYC, Zen 3, AVX2
+// only) MKL was faster at every shape (forward 5-15 %, dX 10-40 %, dW 25-75 %; 640 x 384 x 1152:
+// 6.1 vs 6.4 ms forward, 6.2 vs 8.2 ms dW).
 //
-// Path per GEMM dtype (gemm_dtype below), measured with 1 thread at the BERT shapes:
-// - fp32: oneDNN for the forward and for both backward products (transposed views, ~2x at::mm),
-//   except small products: a oneDNN call costs ~15-30 us whatever its size (primitive lookup,
-//   weight reorder), so below kMinMacs multiply-adds (kMinMacsPacked with a prepacked weight)
-//   at::addmm / at::mm (MKL) is faster (e.g. 1 row of 768 x 768: 37 vs 41 us unpacked; 4 rows of
-//   768 x 128: 16 vs 22 us unpacked, 16 us packed).
+// So the fp32 route is a per-process choice (GemmRoute):
+// - auto (default): the first fp32 product large enough to matter times both libraries once, on a
+//   BERT-layer-sized product with the threads of that moment, separately for the forward
+//   (x @ W^T, contiguous W) and the backward products (transposed views), and keeps oneDNN for a
+//   kind only where it is at least 5 % faster (calibration(), ~10-50 ms, once);
+// - onednn / aten: forced (rosita_fast.ops.set_gemm_route, or ROSITA_FAST_GEMM at import).
+// Small fp32 products always go to ATen: a oneDNN call costs ~15-30 us whatever its size
+// (primitive lookup, weight reorder), so below kMinMacs multiply-adds (kMinMacsPacked with a
+// prepacked weight) at::addmm is faster (1 row of 768 x 768: 37 vs 41 us unpacked).
+// Other GEMM dtypes (gemm_dtype below):
 // - bf16: oneDNN `_linear_pointwise` for the forward (fused epilogue; at or below at::addmm);
 //   at::mm for the backward products, which ATen itself sends to oneDNN's matmul primitive for
 //   bf16 on AVX512-BF16 CPUs (the same speed as `_linear_pointwise` for dX, 10-40% faster for dW).
@@ -27,6 +34,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -80,7 +90,7 @@ inline bool probe(at::ScalarType t) {
 
 }  // namespace detail
 
-// fp32 products smaller than this (m * n * k) go to MKL, unpacked / with a packed weight.
+// fp32 products smaller than this (m * n * k) go to ATen, unpacked / with a packed weight.
 constexpr int64_t kMinMacs = int64_t{1} << 20;
 constexpr int64_t kMinMacsPacked = int64_t{1} << 18;
 
@@ -97,11 +107,94 @@ inline bool usable(at::ScalarType t) {
   return false;
 }
 
+// The fp32 route (see the top of the file).
+enum class GemmRoute : int64_t { kAuto = 0, kOneDNN = 1, kATen = 2 };
+
+inline std::atomic<int64_t>& route_setting() {
+  static std::atomic<int64_t> route{static_cast<int64_t>(GemmRoute::kAuto)};
+  return route;
+}
+
+// Microseconds per product, best of a few, for each library and kind.
+struct Calibration {
+  double forward_onednn = 0, forward_aten = 0, backward_onednn = 0, backward_aten = 0;
+  bool forward_uses_onednn() const { return forward_onednn < 0.95 * forward_aten; }
+  bool backward_uses_onednn() const { return backward_onednn < 0.95 * backward_aten; }
+};
+
+namespace detail {
+
+template <typename F> double best_us(F&& f, int reps) {
+  double best = 1e300;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double, std::micro>(t1 - t0).count());
+  }
+  return best;
+}
+
+// One BERT-layer-sized product of each kind (512 tokens, 384 -> 1152 features; the backward kind
+// is dX = dY W plus dW = dY^T X through transposed views), each library warmed up once, then the
+// best of rounds that alternate the libraries (so a burst of other load hits both).
+inline Calibration calibrate() {
+  Calibration c;
+  if (!usable(at::kFloat)) return c;
+  const int64_t m = 512, k = 384, n = 1152;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const auto x = at::rand({m, k}, opts), w = at::rand({n, k}, opts), b = at::rand({n}, opts);
+  const auto dy = at::rand({m, n}, opts);
+  const auto none = c10::List<std::optional<at::Scalar>>();
+  const auto dnn = [&](const at::Tensor& a, const at::Tensor& bt, const std::optional<at::Tensor>& bias) {
+    return linear_op()->call(a, bt, bias, "none", none, std::string_view(""));
+  };
+  const auto fwd_dnn = [&] { dnn(x, w, b); };
+  const auto fwd_aten = [&] { at::addmm(b, x, w.t()); };
+  const auto bwd_dnn = [&] { dnn(dy, w.t(), std::nullopt); dnn(dy.t(), x.t(), std::nullopt); };
+  const auto bwd_aten = [&] { at::mm(dy, w); at::mm(dy.t(), x); };
+  c.forward_onednn = c.forward_aten = c.backward_onednn = c.backward_aten = 1e300;
+  for (int round = 0; round < 4; ++round) {
+    const int reps = round == 0 ? 1 : 2;  // round 0 warms up (primitive creation, page faults)
+    const double fd = best_us(fwd_dnn, reps), fa = best_us(fwd_aten, reps);
+    const double bd = best_us(bwd_dnn, reps), ba = best_us(bwd_aten, reps);
+    if (round == 0) continue;
+    c.forward_onednn = std::min(c.forward_onednn, fd);
+    c.forward_aten = std::min(c.forward_aten, fa);
+    c.backward_onednn = std::min(c.backward_onednn, bd);
+    c.backward_aten = std::min(c.backward_aten, ba);
+  }
+  return c;
+}
+
+}  // namespace detail
+
+// The calibration of this process (run on first use; all zeros where oneDNN has no fp32).
+inline const Calibration& calibration() {
+  static const Calibration c = detail::calibrate();
+  return c;
+}
+
+enum class GemmKind { kForward, kBackward };
+
+// Whether fp32 products of this kind go to oneDNN under the current route.
+inline bool fp32_onednn(GemmKind kind) {
+  switch (static_cast<GemmRoute>(route_setting().load(std::memory_order_relaxed))) {
+    case GemmRoute::kOneDNN: return true;
+    case GemmRoute::kATen: return false;
+    case GemmRoute::kAuto: break;
+  }
+  const auto& c = calibration();
+  return kind == GemmKind::kForward ? c.forward_uses_onednn() : c.backward_uses_onednn();
+}
+
 // Whether an [m, k] x [k, n] product in GEMM dtype t should go to oneDNN (see the top of the file);
-// with_packed: a prepacked weight is at hand.
-inline bool prefer(at::ScalarType t, int64_t m, int64_t n, int64_t k, bool with_packed) {
+// with_packed: a prepacked weight is at hand; kind: a forward product (x @ W^T) or a backward one.
+inline bool prefer(at::ScalarType t, int64_t m, int64_t n, int64_t k, bool with_packed,
+                   GemmKind kind = GemmKind::kForward) {
   if (m == 0 || n == 0 || k == 0 || !usable(t)) return false;
-  return t != at::kFloat || m * n * k >= (with_packed ? kMinMacsPacked : kMinMacs);
+  if (t != at::kFloat) return true;
+  return m * n * k >= (with_packed ? kMinMacsPacked : kMinMacs) && fp32_onednn(kind);
 }
 
 // act(x @ w^T + b) by oneDNN. x: [M, K] with unit stride along K; w: [N, K] (any strides: a
@@ -124,11 +217,12 @@ inline at::Tensor linear_add(const at::Tensor& x, const at::Tensor& other, const
 }
 
 // a @ b^T for the backward products (dX = dZ @ W as mm_nt(dZ, W.t()), dW = dZ^T @ X as
-// mm_nt(dZ.t(), X.t())), by the path measured fastest for the dtype: oneDNN with the transposed
-// views for fp32 (small ones: at::mm), at::mm otherwise (bf16: ATen's oneDNN matmul; fp64). a and
-// b share a dtype that is not fp16 (convert first: gemm_dtype).
+// mm_nt(dZ.t(), X.t())): for fp32 oneDNN with the transposed views where the route picks it for
+// backward products (small ones: at::mm), at::mm otherwise (bf16: ATen's oneDNN matmul; fp64). a
+// and b share a dtype that is not fp16 (convert first: gemm_dtype).
 inline at::Tensor mm_nt(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat && prefer(at::kFloat, a.size(0), b.size(0), a.size(1), false)) {
+  if (a.scalar_type() == at::kFloat &&
+      prefer(at::kFloat, a.size(0), b.size(0), a.size(1), false, GemmKind::kBackward)) {
     return linear_pointwise(a, b, std::nullopt);
   }
   return at::mm(a, b.t());
