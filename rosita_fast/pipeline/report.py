@@ -170,9 +170,10 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
              "Hugging Face (HF) and with rosita_fast's fast modules (fast). `trained on`: the "
              "modules the stage trained through (fast or stock), for a distillation stage its "
              "losses (fused ops or the plain-PyTorch reference), `fused AdamW` where the "
-             "optimizer ran as torch's fused kernel, and `cache` where it used the "
-             "teacher-output cache. `wall min`: the stage from loading its models to its final "
-             "evaluation."
+             "optimizer ran as torch's fused kernel, `cache` where it used the "
+             "teacher-output cache, and `first-token last layer` where the losses read only "
+             "logits, so the last layer computed the first position only. `wall min`: the stage "
+             "from loading its models to its final evaluation."
              + (f" `baseline wall min`: the same stage in the run in `{baseline['run_dir']}`."
                 if baseline else ""), "",
              f"| stage | shape | parameters | × smaller | val {metric} | dev {metric} | "
