@@ -5,12 +5,14 @@ of the C++ kernels is checked here under both forced routes, against the float64
 forward and backward, with strided inputs and products above the small-product threshold
 (2^20 multiply-adds, where the route decides): linear_act (every activation, packed and plain
 weights), linear_residual_layernorm (with dropout) and the factorized embedding's projection.
-Also: the API, ``ROSITA_FAST_GEMM`` at import, and that the modules skip packing weights that the
-ATen route would never read.
+Also: the API, ``ROSITA_FAST_GEMM`` at import, the per-machine calibration cache (measured once,
+installed by later processes), and that the modules skip packing weights that the ATen route
+would never read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -193,3 +195,41 @@ def test_environment_variable_sets_the_route():
     bad = _import_with("fastest")
     assert bad.returncode != 0
     assert "ROSITA_FAST_GEMM='fastest'" in bad.stderr
+
+
+def _route_in_subprocess(cache, **env) -> dict:
+    code = ("import json, rosita_fast; "
+            "print(json.dumps(rosita_fast.ops.gemm_route()))")
+    base = {k: v for k, v in os.environ.items() if k != "ROSITA_FAST_GEMM"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**base, "ROSITA_FAST_CACHE": str(cache), **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_calibration_is_measured_once_per_machine_and_shared(tmp_path):
+    from rosita_fast.ops._gemm_route import CACHE_FILE, machine_key
+
+    first = _route_in_subprocess(tmp_path)
+    path = tmp_path / CACHE_FILE
+    stored = json.loads(path.read_text())
+    assert stored == {machine_key(): first["calibration_us"]}
+    # A later process installs the stored timings instead of measuring: doctored ones that favour
+    # oneDNN forward and ATen backward are what it routes by.
+    fake = {"forward_onednn": 1.0, "forward_aten": 100.0, "backward_onednn": 100.0,
+            "backward_aten": 1.0}
+    path.write_text(json.dumps({machine_key(): fake, "another machine": first["calibration_us"]}))
+    second = _route_in_subprocess(tmp_path)
+    assert second["calibration_us"] == fake
+    assert (second["setting"], second["forward"], second["backward"]) == ("auto", "onednn", "aten")
+    # A broken file is measured again and rewritten.
+    path.write_text("{not json")
+    third = _route_in_subprocess(tmp_path)
+    assert json.loads(path.read_text()) == {machine_key(): third["calibration_us"]}
+    assert all(v > 0 for v in third["calibration_us"].values())
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0, 3.0], [1.0, -1.0, 1.0, 1.0], [float("nan")] * 4])
+def test_bad_calibration_is_refused(bad):
+    with pytest.raises(RuntimeError, match="set_gemm_calibration"):
+        torch.ops.rosita_fast.set_gemm_calibration(bad)

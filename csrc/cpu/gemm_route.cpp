@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "rosita_fast/onednn_linear.h"
@@ -19,7 +20,7 @@ void set_route(int64_t route) {
 // [setting, forward uses oneDNN, backward uses oneDNN, then the calibration's microseconds:
 // forward oneDNN, forward ATen, backward oneDNN, backward ATen]. Calibrates if it has not yet.
 std::vector<double> route_info() {
-  const auto& c = onednn::calibration();
+  const auto c = onednn::calibration();
   const bool usable = onednn::usable(at::kFloat);
   return {static_cast<double>(onednn::route_setting().load()),
           usable && onednn::fp32_onednn(onednn::GemmKind::kForward) ? 1.0 : 0.0,
@@ -27,11 +28,22 @@ std::vector<double> route_info() {
           c.forward_onednn, c.forward_aten, c.backward_onednn, c.backward_aten};
 }
 
+// Install a calibration: [forward oneDNN, forward ATen, backward oneDNN, backward ATen] us.
+void set_calibration(const std::vector<double>& us) {
+  TORCH_CHECK(us.size() == 4, "set_gemm_calibration: expected 4 timings, got ", us.size());
+  for (const double t : us) {
+    TORCH_CHECK(t >= 0 && std::isfinite(t), "set_gemm_calibration: timings must be finite and "
+                ">= 0");
+  }
+  onednn::set_calibration({us[0], us[1], us[2], us[3]});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rosita_fast, m) {
   m.def("set_gemm_route(int route) -> ()", &set_route);
   m.def("gemm_route_info() -> float[]", &route_info);
+  m.def("set_gemm_calibration(float[] us) -> ()", &set_calibration);
 }
 
 }  // namespace rosita_fast

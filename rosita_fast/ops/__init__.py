@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from rosita_fast._extension import HAS_CPP, warn_cpp_fallback
-from rosita_fast.ops._gemm_route import GEMM_ROUTES, apply_env_route, gemm_route, set_gemm_route
+from rosita_fast.ops._gemm_route import GEMM_ROUTES, gemm_route, init_route, set_gemm_route
 from rosita_fast.ops._registry import REGISTRY, public_ops
 from rosita_fast.ops.attention import attention
 from rosita_fast.ops.embedding_layernorm import embedding_layernorm
@@ -57,7 +57,7 @@ OPS: dict[str, tuple[str, ...]] = public_ops()
 if not HAS_CPP:
     warn_cpp_fallback(list(OPS))
 
-apply_env_route()
+init_route()
 
 # Reference on CUDA would be a silent fallback: say so if neither GPU backend can run.
 if torch.cuda.is_available():

@@ -2,18 +2,28 @@
 
 Neither is fastest on every CPU (``csrc/include/rosita_fast/onednn_linear.h`` has the
 measurements): oneDNN fuses the bias, activation or residual add into the GEMM, ATen's GEMM can be
-faster enough to outweigh the extra pass over the output. By default (``"auto"``) the first large
-enough fp32 product of a process times both libraries once, on a BERT-layer-sized product with
-the thread count of that moment, for forward products and for the backward ones separately, and
-keeps oneDNN for a kind only where it is at least 5 % faster. ``"onednn"`` and ``"aten"`` force one
-library (small products always go to ATen, and bf16 always to oneDNN: see the header). The
-environment variable ``ROSITA_FAST_GEMM`` (``auto``, ``onednn`` or ``aten``) sets the route when
-``rosita_fast`` is imported. The route changes only speed and rounding, never what is computed.
+faster enough to outweigh the extra pass over the output. By default (``"auto"``) both libraries
+are timed on a BERT-layer-sized product, for forward products and for the backward ones
+separately, and oneDNN is kept for a kind only where it is at least 5 % faster. The timing runs
+once per machine (~0.2 s, on the first import of ``rosita_fast`` there) and is kept in
+``<cache>/gemm_route.json`` (``$ROSITA_FAST_CACHE``, else ``~/.cache/rosita_fast``), keyed by the
+CPU model, its core count and the torch version; every later process installs it instead of
+timing again. So all processes on a machine route alike, which exact reproducibility needs (the
+two libraries round differently: a resumed or repeated run must compute what the first did).
+Delete the file to measure again.
+
+``"onednn"`` and ``"aten"`` force one library (small products always go to ATen, and bf16 always
+to oneDNN: see the header). The environment variable ``ROSITA_FAST_GEMM`` (``auto``, ``onednn``
+or ``aten``) sets the route when ``rosita_fast`` is imported. The route changes only speed and
+rounding, never what is computed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,12 +70,81 @@ def gemm_route() -> dict[str, Any] | None:
     }
 
 
-def apply_env_route() -> None:
-    """Apply ``ROSITA_FAST_GEMM`` (called when ``rosita_fast.ops`` is imported)."""
+CACHE_FILE = "gemm_route.json"
+_TIMINGS = ("forward_onednn", "forward_aten", "backward_onednn", "backward_aten")
+
+
+def machine_key() -> str:
+    """What the cached calibration is keyed by: the CPU model, logical cores, torch version."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} | {os.cpu_count()} logical cores | torch {torch.__version__}"
+
+
+def cache_file() -> Path:
+    """The file that keeps each machine's calibration."""
+    from rosita_fast._jit_build import cache_root
+
+    return cache_root() / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _valid(entry: Any) -> bool:
+    return (isinstance(entry, dict) and all(
+        isinstance(entry.get(k), int | float) and entry[k] >= 0 for k in _TIMINGS))
+
+
+def _install(entry: dict[str, float]) -> None:
+    torch.ops.rosita_fast.set_gemm_calibration([float(entry[k]) for k in _TIMINGS])
+
+
+def _store(path: Path, key: str, timings: dict[str, float]) -> dict[str, float]:
+    """Add this machine's timings to the cache unless another process got there first; returns
+    the entry every process will use."""
+    data = _read_cache(path)
+    if _valid(data.get(key)):
+        return data[key]
+    data[key] = timings
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        return timings  # a read-only cache: this process keeps its own measurement
+    # Two first processes may race: whichever file landed last is what everyone reads from now.
+    final = _read_cache(path).get(key)
+    return final if _valid(final) else timings
+
+
+def init_route() -> None:
+    """Set the route when ``rosita_fast.ops`` is imported: ``ROSITA_FAST_GEMM`` if set, else the
+    machine's cached calibration (measured and stored now if there is none)."""
     value = os.environ.get(ENV)
-    if value is None or value == "":
+    if value:
+        if value not in GEMM_ROUTES:
+            raise ValueError(f"{ENV}={value!r}: must be one of {GEMM_ROUTES}")
+        if _native():
+            set_gemm_route(value)
         return
-    if value not in GEMM_ROUTES:
-        raise ValueError(f"{ENV}={value!r}: must be one of {GEMM_ROUTES}")
-    if _native():
-        set_gemm_route(value)
+    if not _native():
+        return
+    path, key = cache_file(), machine_key()
+    entry = _read_cache(path).get(key)
+    if not _valid(entry):
+        entry = _store(path, key, gemm_route()["calibration_us"])  # measures now
+    _install(entry)

@@ -11,10 +11,12 @@
 // 6.1 vs 6.4 ms forward, 6.2 vs 8.2 ms dW).
 //
 // So the fp32 route is a per-process choice (GemmRoute):
-// - auto (default): the first fp32 product large enough to matter times both libraries once, on a
-//   BERT-layer-sized product with the threads of that moment, separately for the forward
-//   (x @ W^T, contiguous W) and the backward products (transposed views), and keeps oneDNN for a
-//   kind only where it is at least 5 % faster (calibration(), ~10-50 ms, once);
+// - auto (default): both libraries are timed once on a BERT-layer-sized product, separately for
+//   the forward (x @ W^T, contiguous W) and the backward products (transposed views), and oneDNN
+//   is kept for a kind only where it is at least 5 % faster (calibration(), ~0.15-0.3 s). Python
+//   measures it once per machine and installs the cached result in every later process
+//   (set_calibration; rosita_fast/ops/_gemm_route.py), so all processes on a machine agree;
+//   without that the first large fp32 product measures it;
 // - onednn / aten: forced (rosita_fast.ops.set_gemm_route, or ROSITA_FAST_GEMM at import).
 // Small fp32 products always go to ATen: a oneDNN call costs ~15-30 us whatever its size
 // (primitive lookup, weight reorder), so below kMinMacs multiply-adds (kMinMacsPacked with a
@@ -39,6 +41,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <string_view>
 
@@ -169,10 +172,38 @@ inline Calibration calibrate() {
 
 }  // namespace detail
 
-// The calibration of this process (run on first use; all zeros where oneDNN has no fp32).
-inline const Calibration& calibration() {
-  static const Calibration c = detail::calibrate();
-  return c;
+namespace detail {
+struct CalibrationState {
+  std::mutex mutex;
+  bool done = false;
+  Calibration value;
+};
+inline CalibrationState& calibration_state() {
+  static CalibrationState state;
+  return state;
+}
+}  // namespace detail
+
+// The calibration this process decides by: measured on first use (all zeros where oneDNN has no
+// fp32), unless one was installed first with set_calibration.
+inline Calibration calibration() {
+  auto& state = detail::calibration_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (!state.done) {
+    state.value = detail::calibrate();
+    state.done = true;
+  }
+  return state.value;
+}
+
+// Install a calibration (rosita_fast keeps the first one measured on a machine in its cache, so
+// that every process there routes alike: two libraries round differently, and a resumed or
+// repeated run must compute what the first did).
+inline void set_calibration(const Calibration& c) {
+  auto& state = detail::calibration_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  state.value = c;
+  state.done = true;
 }
 
 enum class GemmKind { kForward, kBackward };
@@ -184,7 +215,7 @@ inline bool fp32_onednn(GemmKind kind) {
     case GemmRoute::kATen: return false;
     case GemmRoute::kAuto: break;
   }
-  const auto& c = calibration();
+  const auto c = calibration();
   return kind == GemmKind::kForward ? c.forward_uses_onednn() : c.backward_uses_onednn();
 }
 
