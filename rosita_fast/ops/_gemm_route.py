@@ -42,9 +42,9 @@ def _native() -> bool:
 
 
 def set_gemm_route(route: str) -> None:
-    """Route the C++ backend's fp32 GEMMs: ``"auto"`` (calibrated once per process), ``"onednn"``
-    or ``"aten"``. Raises ``ValueError`` for another name and ``RuntimeError`` without the C++
-    extension."""
+    """Route the C++ backend's fp32 GEMMs: ``"auto"`` (by the machine's calibration, see the
+    module docstring), ``"onednn"`` or ``"aten"``. Raises ``ValueError`` for another name and
+    ``RuntimeError`` without the C++ extension."""
     if route not in GEMM_ROUTES:
         raise ValueError(f"set_gemm_route: route must be one of {GEMM_ROUTES}, got {route!r}")
     if not _native():
@@ -56,7 +56,7 @@ def gemm_route() -> dict[str, Any] | None:
     """The current route, or ``None`` without the C++ extension: ``setting`` (``auto``,
     ``onednn`` or ``aten``), the library fp32 ``forward`` and ``backward`` products use now
     (``"onednn"`` or ``"aten"``), and ``calibration_us``: the calibration's best time per product
-    for each library and kind (it runs on the first call if it has not yet; all zeros where
+    for each library and kind (the machine's cached one, installed at import; all zeros where
     torch has no oneDNN)."""
     if not _native():
         return None
