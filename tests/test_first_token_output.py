@@ -137,11 +137,12 @@ def test_attention_query_rows_is_checked(rows):
 def test_attention_query_rows_match_the_full_block():
     model = _fast("mpnet", "student").eval()
     block = next(m for m in model.modules() if isinstance(m, PrunedSelfAttention))
-    x = torch.randn(3, 10, model.config.hidden_size, dtype=torch.float64)
-    mask = torch.ones(3, 10, dtype=torch.bool)
-    mask[1, 6:] = False
+    # 70 positions: the keys cross the C++ kernel's 64-key block.
+    x = torch.randn(3, 70, model.config.hidden_size, dtype=torch.float64)
+    mask = torch.ones(3, 70, dtype=torch.bool)
+    mask[1, 66:] = False
     heads = model.config.num_attention_heads
-    bias = torch.randn(1, heads, 10, 10, dtype=torch.float64)
+    bias = torch.randn(1, heads, 70, 70, dtype=torch.float64)
     with torch.no_grad():
         full = block(x, mask, bias)
         for rows in (1, 4):

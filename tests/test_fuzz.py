@@ -10,7 +10,7 @@ on every run (and replays a failure it has seen before).
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
@@ -676,19 +676,6 @@ FUZZ: dict[str, FuzzEntry] = {
 _ROUTES = ("onednn", "aten") if "cpp" in rosita_fast.available_backends() else (None,)
 
 
-@contextmanager
-def _gemm_route(route: str | None):
-    if route is None:
-        yield
-        return
-    before = ops.gemm_route()["setting"]
-    ops.set_gemm_route(route)
-    try:
-        yield
-    finally:
-        ops.set_gemm_route(before)
-
-
 @pytest.mark.parametrize("op", sorted(FUZZ))
 def test_fuzz_against_float64_reference(op):
     entry = FUZZ[op]
@@ -697,7 +684,7 @@ def test_fuzz_against_float64_reference(op):
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(entry.cases(), st.sampled_from(_ROUTES))
     def run(case, route):
-        with _gemm_route(route):
+        with ops.use_gemm_route(route) if route else nullcontext():
             entry.check(case)
 
     run()

@@ -32,10 +32,8 @@ ROUTES = ("onednn", "aten")
 
 @pytest.fixture
 def route(request):
-    before = ops.gemm_route()["setting"]
-    ops.set_gemm_route(request.param)
-    yield request.param
-    ops.set_gemm_route(before)
+    with ops.use_gemm_route(request.param):
+        yield request.param
 
 
 def _grads(fn, inputs, seed):
@@ -69,17 +67,22 @@ def test_route_is_reported(route):
 
 
 def test_auto_follows_the_calibration():
-    before = ops.gemm_route()["setting"]
-    try:
-        ops.set_gemm_route("auto")
+    with ops.use_gemm_route("auto"):
         info = ops.gemm_route()
-        c = info["calibration_us"]
-        assert info["forward"] == ("onednn" if c["forward_onednn"] < 0.95 * c["forward_aten"]
-                                   else "aten")
-        assert info["backward"] == ("onednn" if c["backward_onednn"] < 0.95 * c["backward_aten"]
-                                    else "aten")
-    finally:
-        ops.set_gemm_route(before)
+    c = info["calibration_us"]
+    assert info["forward"] == ("onednn" if c["forward_onednn"] < 0.95 * c["forward_aten"]
+                               else "aten")
+    assert info["backward"] == ("onednn" if c["backward_onednn"] < 0.95 * c["backward_aten"]
+                                else "aten")
+
+
+def test_use_gemm_route_restores_the_setting_after_an_exception():
+    before = ops.gemm_route()["setting"]
+    other = "aten" if before != "aten" else "onednn"
+    with pytest.raises(RuntimeError, match="boom"), ops.use_gemm_route(other):
+        assert ops.gemm_route()["setting"] == other
+        raise RuntimeError("boom")
+    assert ops.gemm_route()["setting"] == before
 
 
 @pytest.mark.parametrize("bad", ["mkl", "", None, 1])

@@ -11,10 +11,12 @@ rescales those terms so that the averaged gradient is that of the global token m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import losses
 from .kd_config import KDConfig
@@ -171,6 +173,14 @@ class KDLoss:
         attention maps): a first-token classifier's last layer then needs only its first
         position (:func:`rosita_fast.first_token_output`)."""
         return not (self.needs_hidden_states or self.needs_attentions)
+
+    def forward_context(self, model: nn.Module) -> AbstractContextManager:
+        """The context for a forward pass of ``model`` whose outputs this loss reads: where only
+        logits are read, :func:`rosita_fast.fast_modules.logits_context` (a fast first-token
+        classifier's last layer computes one position); else one that changes nothing."""
+        from ..fast_modules import logits_context
+
+        return logits_context(model) if self.logits_only else nullcontext()
 
     def model_kwargs(self) -> dict[str, bool]:
         """Keyword arguments for the student's and teacher's forward calls."""

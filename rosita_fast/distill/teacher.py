@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from ..fast_modules import logits_context
 from .kd_loss import KDLoss
 
 # Only these batch entries are model inputs; labels must not reach the teacher (it would compute
@@ -33,5 +31,5 @@ def teacher_forward(
         keep_dropout = kd.config.teacher_dropout
     teacher.train(keep_dropout)
     inputs = {k: batch[k] for k in _INPUT_KEYS if k in batch}
-    with torch.no_grad(), logits_context(teacher) if kd.logits_only else nullcontext():
+    with torch.no_grad(), kd.forward_context(teacher):
         return teacher(**inputs, **kd.model_kwargs())

@@ -133,11 +133,13 @@ class PrunedSelfAttention(DerivedCacheOwner):
     def _stacked(self, name: str, linears: tuple[nn.Linear, ...], rows: int):
         """The linears' weights (and biases) stacked into one GEMM: cached and prepacked while no
         gradient is recorded, rebuilt on every call otherwise (the cat is then part of the
-        graph)."""
+        graph). One linear is used as it is."""
         sources = tuple(lin.weight for lin in linears) + tuple(lin.bias for lin in linears)
         biases = tuple(lin.bias for lin in linears)
 
         def fused():
+            if len(linears) == 1:  # nothing to stack: no copy
+                return linears[0].weight, linears[0].bias
             weight = torch.cat([lin.weight for lin in linears])
             if all(b is None for b in biases):
                 return weight, None

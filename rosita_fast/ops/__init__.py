@@ -9,10 +9,10 @@ fakes, dispatch by backend, the no-grad fast path). Backends: ``reference`` (pla
 
 Public entry points (stable): :func:`lowrank_linear`, :func:`attention`, :func:`linear_act`,
 :func:`linear_residual_layernorm` (and :func:`pack_linear_weight`, the prepacked weight the last
-two take, with :func:`packing_supported`; :func:`gemm_route` and :func:`set_gemm_route` pick the
-library of their fp32 GEMMs), :func:`embedding_layernorm`, :func:`kd_logits_loss`,
-:func:`fused_linear_kd_loss`, :func:`hidden_mse_loss`. :data:`OPS` lists every public op and its
-backends.
+two take, with :func:`packing_supported`; :func:`gemm_route`, :func:`set_gemm_route` and
+:func:`use_gemm_route` pick the library of their fp32 GEMMs), :func:`embedding_layernorm`,
+:func:`kd_logits_loss`, :func:`fused_linear_kd_loss`, :func:`hidden_mse_loss`. :data:`OPS` lists
+every public op and its backends.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ import warnings
 import torch
 
 from rosita_fast._extension import HAS_CPP, warn_cpp_fallback
-from rosita_fast.ops._gemm_route import GEMM_ROUTES, gemm_route, init_route, set_gemm_route
+from rosita_fast.ops._gemm_route import (
+    GEMM_ROUTES,
+    gemm_route,
+    init_route,
+    set_gemm_route,
+    use_gemm_route,
+)
 from rosita_fast.ops._registry import REGISTRY, public_ops
 from rosita_fast.ops.attention import attention
 from rosita_fast.ops.embedding_layernorm import embedding_layernorm
@@ -49,6 +55,7 @@ __all__ = [
     "pack_linear_weight",
     "packing_supported",
     "set_gemm_route",
+    "use_gemm_route",
 ]
 
 #: The public ops and the backends each one implements.

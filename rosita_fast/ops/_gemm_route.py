@@ -23,12 +23,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["GEMM_ROUTES", "gemm_route", "set_gemm_route"]
+__all__ = ["GEMM_ROUTES", "gemm_route", "set_gemm_route", "use_gemm_route"]
 
 #: The routes :func:`set_gemm_route` takes, in the order of their codes in the C++ library.
 GEMM_ROUTES = ("auto", "onednn", "aten")
@@ -50,6 +52,18 @@ def set_gemm_route(route: str) -> None:
     if not _native():
         raise RuntimeError("set_gemm_route: the C++ extension (rosita_fast._C) is not loaded")
     torch.ops.rosita_fast.set_gemm_route(GEMM_ROUTES.index(route))
+
+
+@contextmanager
+def use_gemm_route(route: str) -> Iterator[None]:
+    """Within the block, route the fp32 GEMMs as :func:`set_gemm_route` does; the previous
+    setting is restored afterwards (also on an exception)."""
+    before = gemm_route()
+    set_gemm_route(route)
+    try:
+        yield
+    finally:
+        set_gemm_route(before["setting"])
 
 
 def gemm_route() -> dict[str, Any] | None:

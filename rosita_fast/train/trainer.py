@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ from ..distill import (
     teacher_forward,
 )
 from ..distill.teacher_cache import TeacherCache, fingerprint
-from ..fast_modules import logits_context
 from .atomic import write_json_atomic
 from .bert_adam import BertAdam
 from .checkpoint import (
@@ -513,7 +511,7 @@ class Trainer:
         self.model.train()
         teacher_out = self._teacher_outputs(inputs, indices) if self.teacher else None
         # Logits-only losses: a fast first-token classifier's last layer computes one position.
-        with logits_context(self.model) if self.kd.logits_only else nullcontext():
+        with self.kd.forward_context(self.model):
             student_out = self._ddp(**inputs, **self.kd.model_kwargs())
         result = self.kd(student_out, teacher_out, attention_mask=inputs.get("attention_mask"),
                          labels=labels)

@@ -7,10 +7,10 @@
 // torch's wheels) has no fused epilogue; the kernels then finish the product in their own row pass.
 // Measured with 1 thread, fp32, at the BERT layer shapes: on one AMD EPYC VM oneDNN ran at twice
 // MKL's speed ([1024 x 512] @ [512 x 768]^T: 5.3 vs 12.5 ms); on another (AMD EPYC, Zen 3, AVX2
-// only) MKL was faster at every shape (forward 5-15 %, dX 10-40 %, dW 25-75 %; 640 x 384 x 1152:
-// 6.1 vs 6.4 ms forward, 6.2 vs 8.2 ms dW).
+// only) MKL was faster at every shape (640 and 2048 rows, 1 and 2 threads: forward 5-20 %, dX
+// 8-44 %, dW 24-77 %; 640 x 384 x 1152: 6.1 vs 6.4 ms forward, 6.2 vs 8.2 ms dW).
 //
-// So the fp32 route is a per-process choice (GemmRoute):
+// So the fp32 route is a per-machine choice (GemmRoute):
 // - auto (default): both libraries are timed once on a BERT-layer-sized product, separately for
 //   the forward (x @ W^T, contiguous W) and the backward products (transposed views), and oneDNN
 //   is kept for a kind only where it is at least 5 % faster (calibration(), ~0.15-0.3 s). Python
@@ -170,9 +170,6 @@ inline Calibration calibrate() {
   return c;
 }
 
-}  // namespace detail
-
-namespace detail {
 struct CalibrationState {
   std::mutex mutex;
   bool done = false;
