@@ -2,7 +2,7 @@
 # The main job's speed-up from rosita_fast's fast paths: the same recipe twice on this machine,
 # first with the fast paths off (stock Hugging Face modules, plain-PyTorch distillation losses,
 # no teacher-output cache), then as the main job runs it, whose report then shows both wall
-# times per stage. About 17 + 14 minutes on 2 CPU cores; run it on an otherwise idle machine
+# times per stage. About 33 + 22 minutes on 2 CPU cores; run it on an otherwise idle machine
 # (anything else running inflates one of the two times). Extra arguments go to both runs.
 # Writes runs/minilm-sst2-baseline/ and runs/minilm-sst2/, and prints both end-to-end times.
 set -euo pipefail

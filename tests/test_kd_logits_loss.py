@@ -8,6 +8,8 @@ The C++ kernels walk each row in blocks of 512 classes with 16 accumulator lanes
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +192,23 @@ def test_backward_retaining_the_graph_equals_the_in_place_one(backend):
     assert torch.equal(g1, g2)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(loss, s)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_low_precision_in_place_backward_in_row_blocks(backend, dtype, monkeypatch):
+    # fp16/bf16 rows scaled in place by fp32 factors go a block of rows at a time (so that the
+    # mixed-dtype product's fp32 copies stay small): blocks of 2 rows of 33 logits over 7 rows
+    # (a partial last block) must give the retained-graph (out-of-place) gradient exactly.
+    module = importlib.import_module("rosita_fast.ops.kd_logits_loss")  # not the function
+    monkeypatch.setattr(module, "_SCALE_BLOCK_ELEMS", 66)
+    s = rand(7, 33, dtype=dtype).requires_grad_()
+    t = rand(7, 33, dtype=dtype)
+    with rosita_fast.use_backend(backend):
+        loss = (ops.kd_logits_loss(s, t, 2.0, reduction="none") * rand(7)).sum()
+        (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, s)
+    assert g2.dtype == dtype and torch.equal(g1, g2)
 
 
 def test_teacher_gets_no_gradient():

@@ -31,6 +31,7 @@ KINDS = ("kl", "soft_ce")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _KIND_CODES = {"kl": 0, "soft_ce": 1}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SCALE_BLOCK_ELEMS = 1 << 20  # logits per block of the low-precision backward's in-place scaling
 
 # ---- ground truth -------------------------------------------------------------------------------
 
@@ -207,10 +208,21 @@ def _backward(ctx, grad_rows, _unused):
     # AOTAutograd reads too) is the saved gradient's last use: scaling it in place keeps the
     # backward's extra memory at zero. Otherwise, and while tracing (fake or functional tensors),
     # the product is a new tensor.
-    in_place = (type(grad) is torch.Tensor and not torch.compiler.is_compiling()
-                and grad.is_contiguous()
-                and not torch._C._autograd._get_current_graph_task_keep_graph())
-    out = grad.mul_(scale) if in_place else (grad * scale).to(grad.dtype)
+    eager = type(grad) is torch.Tensor and not torch.compiler.is_compiling()
+    if not eager:
+        return (grad * scale).to(grad.dtype).view(ctx.student_shape), None, None, None, None
+    in_place = grad.is_contiguous() and not torch._C._autograd._get_current_graph_task_keep_graph()
+    out = grad if in_place else torch.empty_like(grad)
+    if scale.dtype == grad.dtype:
+        torch.mul(grad, scale, out=out)
+    else:
+        # fp16/bf16 rows times fp32 scales: a product of mixed dtypes makes fp32 copies of its
+        # whole operands (2 x 4 bytes per logit at 16384 x 30522). A block of rows at a time
+        # bounds them by the block; each element is still rounded once, from fp32.
+        step = max(1, _SCALE_BLOCK_ELEMS // max(1, grad.shape[-1]))
+        for begin in range(0, grad.shape[0], step):
+            rows = slice(begin, begin + step)
+            torch.mul(grad[rows], scale[rows], out=out[rows])
     return out.view(ctx.student_shape), None, None, None, None
 
 
