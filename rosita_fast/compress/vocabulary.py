@@ -9,8 +9,13 @@ id, so it must not move).
 The new tokenizer is the old one with a smaller WordPiece vocabulary. WordPiece matches the
 longest vocabulary prefix greedily, and every token the corpus produced is still present, so each
 corpus text tokenizes to the same pieces, now with the new ids. Text outside the corpus may map
-more pieces to the unknown token. BPE tokenizers (RoBERTa) are refused: their merges pass through
-intermediate tokens that a kept-token vocabulary would lack, so the same guarantee cannot hold.
+more pieces to the unknown token; ``spell_ascii`` keeps every printable ASCII character as a word
+start and as a ``##`` continuation (about 50 tokens beyond a typical English corpus's), so an
+ASCII word the corpus never used is spelled in known pieces instead of becoming ``[UNK]``
+(WordPiece maps a word to ``[UNK]`` as soon as one stretch of it matches no piece).
+
+BPE tokenizers (RoBERTa) are refused: their merges pass through intermediate tokens that a
+kept-token vocabulary would lack, so the same guarantee cannot hold.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ def corpus_token_ids(tokenizer: Any, texts: Iterable[str | tuple[str, str]]) -> 
             flush()
     flush()
     return used
+
+
+def _ascii_piece_ids(tokenizer: Any) -> set[int]:
+    """Ids of the printable ASCII characters as word starts and as ``##`` continuations (the
+    vocabulary's continuing-subword prefix is ``##`` for every supported tokenizer)."""
+    vocab = tokenizer.get_vocab()
+    chars = [chr(c) for c in range(33, 127)]
+    return {vocab[t] for c in chars for t in (c, "##" + c) if t in vocab}
 
 
 def _remap_post_processor(proc: dict | None, new_id: dict[int, int]) -> None:
@@ -138,6 +151,7 @@ def prune_vocabulary_(
     *,
     output_dir: str | Path | None = None,
     keep_tokens: Iterable[str] = (),
+    spell_ascii: bool = False,
 ) -> Any:
     """Shrink ``model``'s vocabulary to the tokens ``texts`` use; return the matching tokenizer.
 
@@ -150,6 +164,8 @@ def prune_vocabulary_(
         output_dir: where to write the new tokenizer (``save_pretrained``), e.g. the directory
             the model is saved to, so that ``AutoTokenizer.from_pretrained`` finds both.
         keep_tokens: extra tokens to keep although the corpus does not use them.
+        spell_ascii: also keep each printable ASCII character and its ``##`` continuation
+            where the vocabulary has them, so no ASCII word maps to the unknown token.
 
     Returns:
         The new tokenizer: for every corpus text, its ids are the old ids renumbered.
@@ -180,6 +196,8 @@ def prune_vocabulary_(
         extra.append(token_id)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else -1
     keep = set(corpus_token_ids(tokenizer, texts))
+    if spell_ascii:
+        keep |= _ascii_piece_ids(tokenizer)
     keep |= set(tokenizer.all_special_ids) | set(extra) | set(range(pad + 1))
     keep |= {a["id"] for a in spec.get("added_tokens") or []}
     ordered = sorted(keep)

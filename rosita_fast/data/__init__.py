@@ -11,7 +11,14 @@ Typical use by a trainer::
     scores = compute_metrics(task, logits, labels)           # scores[task.main_metric]
 """
 
-from .augment import MlmSubstitutes, augment_examples, candidate_positions, sample_variants
+from .augment import (
+    MlmSubstitutes,
+    Substitutes,
+    VectorSubstitutes,
+    augment_examples,
+    candidate_positions,
+    sample_variants,
+)
 from .collate import DynamicPaddingCollator
 from .errors import DataError, TokenizerMismatchError, UnknownTaskError
 from .examples import Example
@@ -36,7 +43,8 @@ from .word_vectors import WordVectors
 
 __all__ = [
     "DataError", "DynamicPaddingCollator", "EncodedDataset", "Example", "GlueTask",
-    "MlmSubstitutes", "TokenizerMismatchError", "UnknownTaskError", "WordVectors", "accuracy",
+    "MlmSubstitutes", "Substitutes", "TokenizerMismatchError", "UnknownTaskError",
+    "VectorSubstitutes", "WordVectors", "accuracy",
     "augment_examples", "average_ranks", "basic_tokenize", "candidate_positions",
     "check_same_tokenizer", "check_tokenizer_fits_model", "compute_metrics", "encode_examples",
     "examples_from_hf_dataset", "f1_score", "get_task", "hub_split_name", "load_examples",

@@ -12,6 +12,12 @@ replacement candidates:
   :class:`~rosita_fast.data.word_vectors.WordVectors`, e.g. from ``glove.42B.300d``) restores the
   method's behaviour.
 
+:class:`VectorSubstitutes` needs no masked LM: every candidate word, single piece or not, gets its
+``top_k`` nearest neighbours in a :class:`~rosita_fast.data.word_vectors.WordVectors`, e.g. the
+whole-word rows of the model's own input embedding (the offline stand-in for GloVe that makes
+augmentation possible for models without an MLM head, such as all-MiniLM-L6-v2). Words without
+a vector are kept.
+
 No candidates means the word itself. Then ``n`` attempts each copy the words, replace every
 candidate position with probability ``p`` by a uniformly drawn candidate, join with spaces, and
 keep the sentence if it is new. The original example always comes first; labels are copied.
@@ -29,7 +35,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -46,6 +52,42 @@ DEFAULT_TOP_K = 15
 def candidate_positions(words: Sequence[str], stop_words: frozenset[str] = STOP_WORDS) -> list[int]:
     """Indices of the words augmentation may replace: purely alphabetic and not stop words."""
     return [i for i, w in enumerate(words) if w.isalpha() and w not in stop_words]
+
+
+class Substitutes(Protocol):
+    """A source of replacement candidates (:class:`MlmSubstitutes`, :class:`VectorSubstitutes`)."""
+
+    def candidates(
+        self, sentences: Sequence[tuple[list[str], list[int]]]
+    ) -> list[dict[int, list[str]]]: ...
+
+
+class VectorSubstitutes:
+    """Replacement candidates from static word vectors alone: the ``top_k`` nearest neighbours
+    of each word (cached per word), none for a word without a vector.
+
+    Args:
+        word_vectors: the neighbour index, e.g. :meth:`WordVectors.from_embedding`.
+        top_k: neighbours per word (method: 15).
+    """
+
+    def __init__(self, word_vectors: WordVectors, *, top_k: int = DEFAULT_TOP_K) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1; got {top_k}")
+        self.word_vectors = word_vectors
+        self.top_k = top_k
+        self._cache: dict[str, list[str]] = {}
+
+    def candidates(
+        self, sentences: Sequence[tuple[list[str], list[int]]]
+    ) -> list[dict[int, list[str]]]:
+        """Per sentence, ``{position: neighbours}`` (see :meth:`MlmSubstitutes.candidates`)."""
+        new = sorted({words[pos] for words, positions in sentences for pos in positions}
+                     - self._cache.keys())
+        self._cache.update(zip(new, self.word_vectors.nearest_many(new, self.top_k),
+                               strict=True))
+        return [{pos: list(self._cache[words[pos]]) for pos in positions}
+                for words, positions in sentences]
 
 
 @dataclass
@@ -259,7 +301,7 @@ def sample_variants(
 def augment_examples(
     examples: Sequence[Example],
     task: str | GlueTask,
-    substitutes: MlmSubstitutes,
+    substitutes: Substitutes,
     *,
     n: int | None = None,
     p: float = DEFAULT_REPLACE_PROB,
@@ -271,7 +313,8 @@ def augment_examples(
     """Augment a training set; each original example is followed by its variants.
 
     Args:
-        substitutes: the candidate generator (holds the masked LM).
+        substitutes: the candidate generator (:class:`MlmSubstitutes` or
+            :class:`VectorSubstitutes`).
         n: attempts per text field; defaults to the method's per-task value
             (CoLA 30, SST-2 20, QNLI 20, QQP 10, MNLI 10, others 20).
         p: replacement probability per candidate position (method: 0.4).

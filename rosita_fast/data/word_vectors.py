@@ -1,17 +1,25 @@
-"""Nearest-neighbour word lookup in a static embedding (GloVe), for multi-piece words.
+"""Nearest-neighbour word lookup in a static embedding, for augmentation candidates.
 
 The method (5.3) proposes replacements for words that WordPiece splits into several pieces from
-the 15 nearest GloVe words. GloVe cannot be downloaded offline, so augmentation uses the masked LM
-for those words unless a :class:`WordVectors` is supplied; this class makes the faithful variant
-available to users who have the GloVe text file.
+the 15 nearest GloVe words. GloVe cannot be downloaded offline. Two sources are offered:
+
+* :meth:`WordVectors.from_glove_text` reads the GloVe text file, for users who have it;
+* :meth:`WordVectors.from_embedding` takes the rows of a model's own input embedding that are
+  whole words (single WordPiece tokens), which needs nothing beyond the model being compressed.
+  The nearest neighbours there are close to GloVe's (``good``: excellent, bad, great, better;
+  ``movie``: movies, film, films, cinema in all-MiniLM-L6-v2). Antonyms are near too, as in
+  GloVe. Prediction KD scores each variant with the teacher, so a flipped sentiment gets the
+  teacher's label, not the copied gold one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import DataError
 
@@ -50,6 +58,62 @@ class WordVectors:
         top = np.argpartition(-sims, k - 1)[:k] if k > 0 else np.zeros(0, dtype=int)
         top = top[np.argsort(-sims[top], kind="stable")]
         return [self.words[i] for i in top]
+
+    @classmethod
+    def from_embedding(
+        cls, weight: torch.Tensor, tokenizer: Any, words: Iterable[str] | None = None
+    ) -> WordVectors:
+        """The whole-word rows of a model's input embedding.
+
+        Args:
+            weight: the word-embedding matrix, one row per token id (``[vocab, dim]``).
+            tokenizer: the model's tokenizer (its ``get_vocab`` maps tokens to rows).
+            words: if given, only these words get rows (e.g. the training set's words, so that
+                variants never bring a token the training corpus lacks).
+
+        Rows are tokens of at least two alphabetic characters: not ``##`` continuation pieces,
+        not special or reserved (``[unused7]``) tokens, not single letters.
+
+        Raises:
+            ValueError: ``weight`` is not a matrix, has fewer rows than the tokenizer has ids, or
+                no token qualifies.
+        """
+        if weight.ndim != 2:
+            raise ValueError("the embedding must be a [vocab, dim] matrix; got "
+                             f"{tuple(weight.shape)}")
+        vocab = tokenizer.get_vocab()
+        if vocab and max(vocab.values()) >= weight.shape[0]:
+            raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the "
+                             f"embedding only {weight.shape[0]} rows")
+        allowed = None if words is None else set(words)
+        specials = set(getattr(tokenizer, "all_special_tokens", []))
+        chosen = sorted((idx, token) for token, idx in vocab.items()
+                        if len(token) > 1 and token.isalpha() and token not in specials
+                        and (allowed is None or token in allowed))
+        if not chosen:
+            raise ValueError("no whole-word token of the tokenizer qualifies for word vectors")
+        rows = torch.tensor([idx for idx, _ in chosen], dtype=torch.long)
+        matrix = weight.detach().float().cpu().index_select(0, rows).numpy()
+        return cls([token for _, token in chosen], matrix)
+
+    def nearest_many(self, words: Sequence[str], k: int, chunk: int = 1024) -> list[list[str]]:
+        """:meth:`nearest` for many words, ``chunk`` of them per matrix product (the same
+        neighbours up to float rounding among near-ties)."""
+        out: list[list[str]] = [[] for _ in words]
+        k = min(k, len(self.words) - 1)
+        pending = [(i, self.index[w]) for i, w in enumerate(words) if w in self.index]
+        if k <= 0:
+            return out
+        for start in range(0, len(pending), chunk):
+            part = pending[start:start + chunk]
+            rows = np.array([r for _, r in part])
+            sims = self.matrix[rows] @ self.matrix.T
+            sims[np.arange(len(rows)), rows] = -np.inf
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            for j, (i, _) in enumerate(part):
+                order = top[j][np.argsort(-sims[j, top[j]], kind="stable")]
+                out[i] = [self.words[t] for t in order]
+        return out
 
     @classmethod
     def from_glove_text(

@@ -137,11 +137,13 @@ def prepare_models(
     *,
     keep_layers: int | None,
     corpus: list[str] | None,
+    spell_ascii: bool = False,
 ) -> Any:
     """Apply a stage's initial surgery; return the student's (possibly new) tokenizer.
 
     ``keep_layers`` cuts the student to its bottom layers; ``corpus`` shrinks both vocabularies
-    to its tokens (identical kept ids, so teacher and student still tokenise alike). Raises
+    to its tokens (identical kept ids, so teacher and student still tokenise alike), with the
+    ASCII characters kept as pieces when ``spell_ascii``. Raises
     ``TokenizerMismatchError`` when the two tokenizers differ.
     """
     if keep_layers is not None:
@@ -150,23 +152,18 @@ def prepare_models(
             raise PipelineError(f"keep_layers {keep_layers} exceeds the model's {layers} layers")
         prune_(student, layers=keep_layers)
     if corpus is not None:
-        student_tok = prune_vocabulary_(student, student_tok, corpus)
+        student_tok = prune_vocabulary_(student, student_tok, corpus, spell_ascii=spell_ascii)
         if teacher is not None:
-            teacher_tok = prune_vocabulary_(teacher, teacher_tok, corpus)
+            teacher_tok = prune_vocabulary_(teacher, teacher_tok, corpus, spell_ascii=spell_ascii)
     if teacher is not None:
         check_same_tokenizer(student_tok, teacher_tok)
     return student_tok
 
 
-def augmented_examples(task: GlueTask, train: list[Example], spec: AugmentSpec,
-                       cache: Path) -> list[Example]:
-    """The augmented training set (method 5.3), built once and cached as JSON lines."""
-    if cache.exists():
-        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
-        return [Example(r["guid"], r["text_a"], r["text_b"], r["label"]) for r in rows]
+def _mlm_substitutes(spec: AugmentSpec) -> Any:
     from transformers import AutoModelForMaskedLM
 
-    from ..data import MlmSubstitutes, augment_examples
+    from ..data import MlmSubstitutes
 
     try:
         mlm = AutoModelForMaskedLM.from_pretrained(spec.mlm).eval()
@@ -174,7 +171,41 @@ def augmented_examples(task: GlueTask, train: list[Example], spec: AugmentSpec,
     except (OSError, ValueError) as exc:
         raise PipelineError(f"data.augment.mlm: cannot load a masked LM from {spec.mlm}: {exc}"
                             ) from exc
-    substitutes = MlmSubstitutes(mlm, mlm_tok)
+    return MlmSubstitutes(mlm, mlm_tok, top_k=spec.top_k)
+
+
+def _embedding_substitutes(train: list[Example], spec: AugmentSpec,
+                           model_source: str | None) -> Any:
+    from transformers import AutoModel
+
+    from ..data import VectorSubstitutes, WordVectors, basic_tokenize
+
+    if model_source is None:
+        raise PipelineError("data.augment source: embedding needs the model's directory")
+    try:
+        model = AutoModel.from_pretrained(str(model_source))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_source))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"data.augment: cannot load {model_source} for its input "
+                            f"embedding: {exc}") from exc
+    words = {w for ex in train for text in (ex.text_a, ex.text_b) if text
+             for w in basic_tokenize(text)}
+    vectors = WordVectors.from_embedding(model.get_input_embeddings().weight, tokenizer, words)
+    return VectorSubstitutes(vectors, top_k=spec.top_k)
+
+
+def augmented_examples(task: GlueTask, train: list[Example], spec: AugmentSpec,
+                       cache: Path, model_source: str | None = None) -> list[Example]:
+    """The augmented training set (method 5.3), built once and cached as JSON lines.
+
+    ``model_source`` (a model directory) supplies the input embedding for ``source: embedding``.
+    """
+    if cache.exists():
+        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
+        return [Example(r["guid"], r["text_a"], r["text_b"], r["label"]) for r in rows]
+    from ..data import augment_examples
+    substitutes = (_embedding_substitutes(train, spec, model_source)
+                   if spec.source == "embedding" else _mlm_substitutes(spec))
     out = augment_examples(train, task, substitutes, n=spec.variants, p=spec.replace_prob,
                            seed=spec.seed)
     cache.parent.mkdir(parents=True, exist_ok=True)

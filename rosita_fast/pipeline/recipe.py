@@ -52,23 +52,40 @@ class AugmentSpec:
     """TinyBERT-style augmentation of the training set (method 5.3) for ``data: augmented`` stages.
 
     Attributes:
-        mlm: path or hub id of a masked-LM checkpoint that shares the model's tokenizer.
+        source: where replacement candidates come from. ``mlm``: a masked LM (single-piece
+            words) as in the method. ``embedding``: the nearest neighbours of each word among
+            the whole-word rows of the recipe's model's input embedding (the offline stand-in
+            for the method's GloVe step; needs no masked LM), limited to words of the training
+            set so that variants bring no token the corpus vocabulary lacks.
+        mlm: path or hub id of a masked-LM checkpoint that shares the model's tokenizer
+            (``source: mlm`` only, and required there).
         variants: new sentences per example (``None`` = the method's per-task N).
         replace_prob: probability of replacing each candidate word.
+        top_k: candidates per word (method: 15).
         seed: sampling seed.
     """
 
-    mlm: str
+    mlm: str | None = None
+    source: Literal["mlm", "embedding"] = "mlm"
     variants: int | None = None
     replace_prob: float = 0.4
+    top_k: int = 15
     seed: int = 42
 
     def __post_init__(self) -> None:
         _typecheck(self, "data.augment")
+        if self.source == "mlm" and not self.mlm:
+            raise RecipeError("data.augment.mlm is required with source: mlm (or set "
+                              "source: embedding to augment without a masked LM)")
+        if self.source == "embedding" and self.mlm is not None:
+            raise RecipeError("data.augment.mlm is only read with source: mlm; remove it or "
+                              "set source: mlm")
         if self.variants is not None and self.variants < 1:
             raise RecipeError(f"data.augment.variants must be at least 1; got {self.variants}")
         if not 0 < self.replace_prob <= 1:
             raise RecipeError("data.augment.replace_prob must be in (0, 1]")
+        if self.top_k < 1:
+            raise RecipeError(f"data.augment.top_k must be at least 1; got {self.top_k}")
 
 
 @dataclass(frozen=True)
@@ -120,16 +137,25 @@ class ReportSpec:
         teacher: the stage whose model is marked as the teacher (``None`` = the first stage).
         latency_sentences: dev sentences timed one at a time (batch 1).
         latency_threads: torch CPU threads while timing.
+        external: a labelled set from outside the task's files
+            (:data:`~rosita_fast.data.external.EXTERNAL_SETS`, e.g. ``rotten-tomatoes`` for SST-2)
+            on which every stage's selected model is also scored, beside dev.
     """
 
     teacher: str | None = None
     latency_sentences: int = 100
     latency_threads: int = 1
+    external: str | None = None
 
     def __post_init__(self) -> None:
         _typecheck(self, "report")
         if self.latency_sentences < 1 or self.latency_threads < 1:
             raise RecipeError("report.latency_sentences and latency_threads must be at least 1")
+        from ..data.external import EXTERNAL_SETS
+
+        if self.external is not None and self.external not in EXTERNAL_SETS:
+            raise RecipeError(f"report.external: unknown set {self.external!r}; known: "
+                              f"{', '.join(sorted(EXTERNAL_SETS))}")
 
 
 @dataclass(frozen=True)
@@ -149,7 +175,11 @@ class StageSpec:
         keep_layers: cut the initial model to its bottom ``n`` layers before training
             (Setting 3's student initialisation).
         vocabulary: ``corpus`` shrinks the student's vocabulary (and the teacher copy's) to the
-            tokens of the stage's training data before training; ``full`` keeps it.
+            tokens of the stage's training data before training; ``corpus_ascii`` does the same
+            but also keeps every printable ASCII character as a word start and a ``##``
+            continuation, so unseen words are spelled in pieces instead of becoming ``[UNK]``
+            (:func:`~rosita_fast.compress.prune_vocabulary_`'s ``spell_ascii``); ``full``
+            keeps it.
         train: :class:`~rosita_fast.train.TrainConfig` options over the preset.
     """
 
@@ -160,7 +190,7 @@ class StageSpec:
     data: Literal["original", "augmented"] = "original"
     train_examples: int | None = None
     keep_layers: int | None = None
-    vocabulary: Literal["full", "corpus"] = "full"
+    vocabulary: Literal["full", "corpus", "corpus_ascii"] = "full"
     train: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -22,14 +22,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ..compress import count_parameters
-from ..data import Example, GlueTask
+from ..data import DynamicPaddingCollator, Example, GlueTask, encode_examples
+from ..data.external import EXTERNAL_SETS
 from ..models import model_layout
+from ..train.evaluation import evaluate
 from .recipe import Recipe
 
-__all__ = ["describe_layout", "measure_latencies", "measure_latency", "provenance",
+__all__ = ["describe_layout", "measure_latencies", "measure_latency", "provenance", "score",
            "write_report"]
 
 _WARMUP = 5
@@ -87,9 +90,22 @@ def measure_latencies(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
     return out
 
 
-def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe) -> dict[str, Any]:
+def score(model: nn.Module, tokenizer: Any, task: GlueTask, examples: Sequence[Example],
+          max_length: int, batch_size: int = 64) -> dict[str, float]:
+    """``task``'s metrics of ``model`` on labelled ``examples`` (eval mode, CPU)."""
+    data = encode_examples(list(examples), tokenizer, task, max_length=max_length)
+    batches = DataLoader(data, batch_size=batch_size,
+                         collate_fn=DynamicPaddingCollator.for_tokenizer(tokenizer))
+    return evaluate(model, batches, task, torch.device("cpu"))
+
+
+def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe,
+         external: Sequence[Example] | None = None) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(str(outcome.model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(outcome.model_dir))
+    max_length = recipe.data.max_length or task.max_seq_length
+    ext = None if not external else score(model, tokenizer, task, external,
+                                          max_length)[task.main_metric]
     shape, parameters = describe_layout(model), count_parameters(model)
     latency = measure_latencies(model, tokenizer, dev[: recipe.report.latency_sentences],
                                 recipe.report.latency_threads,
@@ -100,6 +116,7 @@ def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe) -
             "validation_metric": (outcome.best_metric if outcome.selected_on == "validation"
                                   else None),
             "validation_rows": outcome.validation_rows,
+            "external_metric": ext,
             "latency_ms": latency["stock"],
             "latency_fast_ms": latency["fast"],
             "trained_on": _trained_on(outcome),
@@ -125,7 +142,8 @@ def _trained_on(outcome: Any) -> str:
 
 def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
                  log: Callable[[str], None] = print,
-                 baseline: dict[str, Any] | None = None) -> Path:
+                 baseline: dict[str, Any] | None = None,
+                 external: Sequence[Example] | None = None) -> Path:
     """Write ``report.md``, ``report.json``, ``report.png`` and ``run.json`` (the recipe, seeds
     and library versions: :func:`provenance`) into the pipeline's directory.
 
@@ -136,18 +154,23 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         dev: the dev examples (latency inputs).
         baseline: another run's stage wall times
             (:func:`~rosita_fast.pipeline.runner.read_stage_walls`), shown beside this run's.
+        external: the labelled rows of ``recipe.report.external``; every stage is scored on
+            them too, with its share of the teacher's score there.
 
     Returns:
         The path of ``report.md``.
     """
     out = Path(result.output_dir)
     teacher_name = recipe.teacher_stage()
-    rows = [_row(s, task, dev, recipe) for s in result.stages]
+    rows = [_row(s, task, dev, recipe, external) for s in result.stages]
     teacher = next(r for r in rows if r["stage"] == teacher_name)
     for r in rows:
         r["ratio"] = teacher["parameters"] / r["parameters"]
         r["retained"] = (r["metric"] / teacher["metric"]
                          if r["metric"] is not None and teacher["metric"] else None)
+        r["external_retained"] = (r["external_metric"] / teacher["external_metric"]
+                                  if r["external_metric"] is not None
+                                  and teacher["external_metric"] else None)
     metric = task.main_metric
     total_wall = sum(s.wall_seconds for s in result.stages) / 60
     base = baseline["stages"] if baseline else {}
@@ -155,6 +178,7 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         seconds = base.get(r["stage"], {}).get("wall_seconds")
         r["baseline_wall_minutes"] = None if seconds is None else seconds / 60
     on_validation = any(r["validation_metric"] is not None for r in rows)
+    ext_name = recipe.report.external
     selection = (f"Every stage selects its checkpoint by {metric} on a validation split of "
                  f"{rows[0]['validation_rows']} training rows that no stage trains on (`val "
                  f"{metric}`); dev is evaluated once, on the selected model, and is the figure "
@@ -175,13 +199,17 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
              "logits, so the last layer computed the first position only. `wall min`: the stage "
              "from loading its models to its final evaluation."
              + (f" `baseline wall min`: the same stage in the run in `{baseline['run_dir']}`."
-                if baseline else ""), "",
+                if baseline else "")
+             + (f" `{ext_name} {metric}`: the selected model on {len(external)} rows of "
+                f"{EXTERNAL_SETS[ext_name].describe}; no stage selected anything on them "
+                "(`% ext`: of the teacher's score there)." if external else ""), "",
              f"| stage | shape | parameters | × smaller | val {metric} | dev {metric} | "
              "% of teacher | "
-             "latency ms (HF) | latency ms (fast) | trained on | wall min |"
+             + (f"{ext_name} {metric} | % ext | " if external else "")
+             + "latency ms (HF) | latency ms (fast) | trained on | wall min |"
              + (" baseline wall min | speed-up |" if baseline else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if baseline
-                                                                  else "")]
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if external else "")
+             + "---:|---:|---|---:|" + ("---:|---:|" if baseline else "")]
     for r in rows:
         value = "-" if r["metric"] is None else f"{r['metric']:.4f}"
         kept = "-" if r["retained"] is None else f"{100 * r['retained']:.1f}"
@@ -189,9 +217,13 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         mark = " (teacher)" if r["stage"] == teacher_name != "teacher" else ""
         fast = "-" if r["latency_fast_ms"] is None else f"{r['latency_fast_ms']:.2f}"
         val = "-" if r["validation_metric"] is None else f"{r['validation_metric']:.4f}"
+        ext = "" if not external else (
+            f"{r['external_metric']:.4f} | "
+            + ("-" if r["external_retained"] is None else f"{100 * r['external_retained']:.1f}")
+            + " | ")
         lines.append(f"| {r['stage']}{mark} | {r['shape']} | {r['parameters']:,} | "
-                     f"{r['ratio']:.2f} | {val} | {value} | {kept} | {r['latency_ms']:.2f} | "
-                     f"{fast} | "
+                     f"{r['ratio']:.2f} | {val} | {value} | {kept} | {ext}"
+                     f"{r['latency_ms']:.2f} | {fast} | "
                      f"{r['trained_on']} | {wall} |" + (_baseline_cells(r) if baseline else ""))
     total = f"Total training wall time: {total_wall:.1f} min"
     if baseline:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
 from ..data import DynamicPaddingCollator, GlueTask, encode_examples, get_task
+from ..data.external import external_examples
 from ..distill.teacher_cache import TeacherCache
 from ..fast_modules import can_output_first_token
 from ..train import Trainer, TrainResult
@@ -210,6 +211,12 @@ def run_pipeline(
     size = recipe.data.validation_size
     if size is None:
         size = min(1000, len(train_all) // 10)
+    external = None
+    if recipe.report.external is not None:
+        # Loaded now so a missing package fails before training; filtered against every text
+        # of the task's own files.
+        external = external_examples(recipe.report.external, task.name, [
+            t for ex in (*train_all, *dev) for t in (ex.text_a, ex.text_b) if t])
     train_all, validation = validation_split(train_all, size, recipe.data.validation_seed,
                                              task.is_regression)
     train = sample_examples(train_all, recipe.data.train_subset, recipe.data.subset_seed)
@@ -239,7 +246,8 @@ def run_pipeline(
     if make_report:
         from .report import write_report
 
-        result.report = write_report(recipe, result, task, dev, log=log, baseline=baseline)
+        result.report = write_report(recipe, result, task, dev, log=log, baseline=baseline,
+                                     external=external)
     return result
 
 
@@ -267,7 +275,8 @@ def _stage_model_dir(output_dir: Path, name: str) -> Path:
 
 
 def _training_examples(recipe: Recipe, spec: StageSpec, task: GlueTask, train: list,
-                       output_dir: Path, log: Callable[[str], None]) -> list:
+                       output_dir: Path, log: Callable[[str], None],
+                       model_source: str | None = None) -> list:
     examples = train
     if spec.data == "augmented":
         if recipe.data.augment is None:
@@ -275,7 +284,7 @@ def _training_examples(recipe: Recipe, spec: StageSpec, task: GlueTask, train: l
                 "training on the original data")
         else:
             examples = augmented_examples(task, train, recipe.data.augment,
-                                          output_dir / "data" / "train_aug.jsonl")
+                                          output_dir / "data" / "train_aug.jsonl", model_source)
     return sample_examples(examples, spec.train_examples, recipe.data.subset_seed)
 
 
@@ -291,12 +300,13 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
     if spec.teacher is not None:
         teacher, teacher_tok = load_model(_stage_model_dir(output_dir, spec.teacher),
                                           task.num_labels, config.seed)
-    examples = _training_examples(recipe, spec, task, train, output_dir, log)
+    examples = _training_examples(recipe, spec, task, train, output_dir, log, model_source)
     corpus = None
-    if spec.vocabulary == "corpus":
+    if spec.vocabulary in ("corpus", "corpus_ascii"):
         corpus = [t for ex in examples for t in (ex.text_a, ex.text_b) if t is not None]
     tokenizer = prepare_models(student, tokenizer, teacher, teacher_tok,
-                               keep_layers=spec.keep_layers, corpus=corpus)
+                               keep_layers=spec.keep_layers, corpus=corpus,
+                               spell_ascii=spec.vocabulary == "corpus_ascii")
     max_length = recipe.data.max_length
     train_data = encode_examples(examples, tokenizer, task, max_length=max_length)
     dev_data = length_sorted(encode_examples(dev, tokenizer, task, max_length=max_length))
