@@ -390,13 +390,10 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from .compress import count_parameters
-    from .data import DynamicPaddingCollator, encode_examples, get_task
+    from .data import get_task
     from .pipeline.inputs import load_split
-    from .pipeline.report import measure_latencies
-    from .train import evaluate
+    from .pipeline.report import measure_latencies, score
 
     task = get_task(args.task)
     if (path := _local_path(args.model_dir)) is not None:
@@ -404,10 +401,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(args.model_dir)
     model = _load_classifier(args.model_dir)
     examples = load_split(task, args.split, _data_dir(args, task.name))
-    data = encode_examples(examples, tokenizer, task)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size,
-                                         collate_fn=DynamicPaddingCollator.for_tokenizer(tokenizer))
-    metrics = evaluate(model, loader, task, torch.device("cpu"))
+    metrics = score(model, tokenizer, task, examples, batch_size=args.batch_size)
     out = {"task": task.name, "split": args.split, "metrics": metrics,
            "parameters": count_parameters(model)}
     if args.latency_sentences > 0:

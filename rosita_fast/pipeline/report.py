@@ -91,8 +91,9 @@ def measure_latencies(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
 
 
 def score(model: nn.Module, tokenizer: Any, task: GlueTask, examples: Sequence[Example],
-          max_length: int, batch_size: int = 64) -> dict[str, float]:
-    """``task``'s metrics of ``model`` on labelled ``examples`` (eval mode, CPU)."""
+          max_length: int | None = None, batch_size: int = 64) -> dict[str, float]:
+    """``task``'s metrics of ``model`` on labelled ``examples`` (eval mode, CPU); ``max_length``
+    ``None`` is the task's."""
     data = encode_examples(list(examples), tokenizer, task, max_length=max_length)
     batches = DataLoader(data, batch_size=batch_size,
                          collate_fn=DynamicPaddingCollator.for_tokenizer(tokenizer))
@@ -108,8 +109,7 @@ def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe,
                                           max_length)[task.main_metric]
     shape, parameters = describe_layout(model), count_parameters(model)
     latency = measure_latencies(model, tokenizer, dev[: recipe.report.latency_sentences],
-                                recipe.report.latency_threads,
-                                recipe.data.max_length or task.max_seq_length)
+                                recipe.report.latency_threads, max_length)
     wall = outcome.wall_seconds
     return {"stage": outcome.name, "shape": shape, "parameters": parameters,
             "metric": outcome.best_metric if outcome.dev_metric is None else outcome.dev_metric,
