@@ -35,6 +35,7 @@ from rosita_fast.compress import (  # noqa: F401
     PruningSchedule,
     count_parameters,
     prune_,
+    prune_positions_,
     prune_vocabulary_,
     summary,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "models",
     "ops",
     "prune_",
+    "prune_positions_",
     "prune_vocabulary_",
     "register_swap_handler",
     "summary",

@@ -13,6 +13,7 @@ from .importance import ImportanceMethod, ImportanceScores, ImportanceTracker, c
 from .one_step import compress
 from .optimizer import group_names, rebuild_optimizer_
 from .plan import PrunePlan
+from .positions import position_count, prune_positions_
 from .prune import apply_plan_, plan_prune, prune_
 from .report import count_parameters, summary
 from .schedule import PruningEvent, PruningSchedule, linear_sizes
@@ -35,7 +36,9 @@ __all__ = [
     "group_names",
     "linear_sizes",
     "plan_prune",
+    "position_count",
     "prune_",
+    "prune_positions_",
     "prune_vocabulary_",
     "rebuild_optimizer_",
     "select_global",

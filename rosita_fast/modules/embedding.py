@@ -56,6 +56,11 @@ class FusedEmbedding(nn.Module):
         pad = self.position_padding_idx
         length = input_ids.shape[1]
         if pad is None:
+            rows = self.position_embeddings.num_embeddings
+            if cache_length + length > rows:
+                # The stock module fails here too, with a shape mismatch; say why.
+                raise ValueError(f"FusedEmbedding: an input of {length} tokens (after "
+                                 f"{cache_length} cached) exceeds the model's {rows} positions")
             if hasattr(self, "position_ids"):
                 return self.position_ids[:, cache_length : cache_length + length]
             return torch.arange(cache_length, cache_length + length,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ..compress import prune_, prune_vocabulary_
+from ..compress import prune_, prune_positions_, prune_vocabulary_
 from ..data import (
     Example,
     GlueTask,
@@ -138,12 +138,14 @@ def prepare_models(
     keep_layers: int | None,
     corpus: list[str] | None,
     spell_ascii: bool = False,
+    max_positions: int | None = None,
 ) -> Any:
     """Apply a stage's initial surgery; return the student's (possibly new) tokenizer.
 
     ``keep_layers`` cuts the student to its bottom layers; ``corpus`` shrinks both vocabularies
     to its tokens (identical kept ids, so teacher and student still tokenise alike), with the
-    ASCII characters kept as pieces when ``spell_ascii``. Raises
+    ASCII characters kept as pieces when ``spell_ascii``; ``max_positions`` cuts the student's
+    position table (the teacher keeps its own: it only reads the same positions). Raises
     ``TokenizerMismatchError`` when the two tokenizers differ.
     """
     if keep_layers is not None:
@@ -155,6 +157,11 @@ def prepare_models(
         student_tok = prune_vocabulary_(student, student_tok, corpus, spell_ascii=spell_ascii)
         if teacher is not None:
             teacher_tok = prune_vocabulary_(teacher, teacher_tok, corpus, spell_ascii=spell_ascii)
+    if max_positions is not None:
+        try:
+            prune_positions_(student, max_positions, student_tok)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from exc
     if teacher is not None:
         check_same_tokenizer(student_tok, teacher_tok)
     return student_tok

@@ -14,7 +14,7 @@ from ..train import TrainConfig
 from .errors import PipelineError
 from .recipe import PRETRAINED, Recipe
 
-__all__ = ["check_schedules"]
+__all__ = ["check_positions", "check_schedules"]
 
 
 def _count(value: int | list[int] | None, default: int) -> int:
@@ -82,3 +82,21 @@ def _check_spacing(where: str, config: TrainConfig, events: int, n_examples: int
         raise PipelineError(f"{where}: {events} events do not fit in {total} updates with "
                             f"prune_fraction={pruning.prune_fraction}, interval="
                             f"{pruning.interval}; train longer or prune over a larger fraction")
+
+
+def check_positions(recipe: Recipe, max_length: int, model_config: Any) -> None:
+    """Raise :class:`PipelineError` for a stage's ``max_positions`` that the recipe's inputs
+    (``max_length`` tokens) or the model's position table (an upper bound: RoBERTa-style tables
+    also hold a padding row, which :func:`~rosita_fast.compress.prune_positions_` checks
+    exactly when the stage starts) cannot satisfy."""
+    table = getattr(model_config, "max_position_embeddings", None)
+    for spec in recipe.stages:
+        if spec.max_positions is None:
+            continue
+        if spec.max_positions < max_length:
+            raise PipelineError(f"stage {spec.name}: max_positions {spec.max_positions} is "
+                                f"shorter than data.max_length {max_length}; the stage's own "
+                                "inputs would not fit")
+        if table is not None and spec.max_positions > table:
+            raise PipelineError(f"stage {spec.name}: max_positions {spec.max_positions} exceeds "
+                                f"the model's {table} positions")

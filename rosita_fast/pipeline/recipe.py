@@ -180,6 +180,10 @@ class StageSpec:
             continuation, so unseen words are spelled in pieces instead of becoming ``[UNK]``
             (:func:`~rosita_fast.compress.prune_vocabulary_`'s ``spell_ascii``); ``full``
             keeps it.
+        max_positions: cut the student's position-embedding table to this many positions
+            before training (:func:`~rosita_fast.compress.prune_positions_`); at least the
+            recipe's ``data.max_length``, which is then the longest input the saved model and
+            its tokenizer accept. ``None`` keeps the table.
         train: :class:`~rosita_fast.train.TrainConfig` options over the preset.
     """
 
@@ -191,6 +195,7 @@ class StageSpec:
     train_examples: int | None = None
     keep_layers: int | None = None
     vocabulary: Literal["full", "corpus", "corpus_ascii"] = "full"
+    max_positions: int | None = None
     train: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -198,7 +203,7 @@ class StageSpec:
         _typecheck(self, prefix)
         if not _NAME.match(self.name):
             raise RecipeError(f"{prefix}: a stage name may hold letters, digits, '_', '-', '.'")
-        for key in ("train_examples", "keep_layers"):
+        for key in ("train_examples", "keep_layers", "max_positions"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise RecipeError(f"{prefix}.{key} must be at least 1; got {value}")

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ..compress import count_parameters
+from ..compress import count_parameters, position_count
 from ..data import DynamicPaddingCollator, Example, GlueTask, encode_examples
 from ..data.external import EXTERNAL_SETS
 from ..models import model_layout
@@ -39,7 +39,8 @@ _WARMUP = 5
 
 
 def describe_layout(model: nn.Module) -> str:
-    """Short shape string: layers, heads and FFN per layer (a range if they differ), embedding."""
+    """Short shape string: layers, heads and FFN per layer (a range if they differ), embedding
+    rank, vocabulary and usable positions (``P``)."""
     layout = model_layout(model)
 
     def span(values: Sequence[int]) -> str:
@@ -48,7 +49,10 @@ def describe_layout(model: nn.Module) -> str:
     rank = "dense" if layout.embedding_rank is None else f"r{layout.embedding_rank}"
     heads = span(layout.heads) if layout.heads else "0"
     ffn = span(layout.intermediate_sizes) if layout.intermediate_sizes else "0"
-    return f"L{layout.num_layers} H{heads} F{ffn} E{rank} V{layout.vocab_size}"
+    shape = f"L{layout.num_layers} H{heads} F{ffn} E{rank} V{layout.vocab_size}"
+    positions = position_count(model)
+    return shape if positions is None else f"{shape} P{positions}"
+
 
 
 @torch.no_grad()
@@ -92,8 +96,18 @@ def measure_latencies(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
 
 def score(model: nn.Module, tokenizer: Any, task: GlueTask, examples: Sequence[Example],
           max_length: int | None = None, batch_size: int = 64) -> dict[str, float]:
-    """``task``'s metrics of ``model`` on labelled ``examples`` (eval mode, CPU); ``max_length``
-    ``None`` is the task's."""
+    """``task``'s metrics of ``model`` on labelled ``examples`` (eval mode, CPU).
+
+    ``max_length`` ``None`` is the task's, or the model's position count where that is shorter
+    (a table cut by :func:`~rosita_fast.compress.prune_positions_`); a longer explicit value
+    raises ``ValueError`` instead of failing mid-evaluation.
+    """
+    positions = position_count(model)
+    if max_length is None:
+        max_length = task.max_seq_length if positions is None else min(task.max_seq_length,
+                                                                        positions)
+    elif positions is not None and max_length > positions:
+        raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
     data = encode_examples(list(examples), tokenizer, task, max_length=max_length)
     batches = DataLoader(data, batch_size=batch_size,
                          collate_fn=DynamicPaddingCollator.for_tokenizer(tokenizer))

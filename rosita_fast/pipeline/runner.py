@@ -44,7 +44,7 @@ from .inputs import (
     sample_examples,
     validation_split,
 )
-from .preflight import check_schedules
+from .preflight import check_positions, check_schedules
 from .recipe import PRETRAINED, Recipe, StageSpec
 
 __all__ = ["PipelineResult", "StageOutcome", "run_pipeline"]
@@ -220,7 +220,9 @@ def run_pipeline(
     train_all, validation = validation_split(train_all, size, recipe.data.validation_seed,
                                              task.is_regression)
     train = sample_examples(train_all, recipe.data.train_subset, recipe.data.subset_seed)
-    check_schedules(recipe, configs, _model_config(model_source), len(train))
+    model_config = _model_config(model_source)
+    check_schedules(recipe, configs, model_config, len(train))
+    check_positions(recipe, recipe.data.max_length or task.max_seq_length, model_config)
     identity = {"recipe": recipe.to_dict(), "data": _describe_source(data_path, task),
                 "model": model_source}
     state = _State(output_dir / STATE_FILE, identity)
@@ -306,7 +308,8 @@ def _run_stage(recipe: Recipe, spec: StageSpec, config, task: GlueTask, train: l
         corpus = [t for ex in examples for t in (ex.text_a, ex.text_b) if t is not None]
     tokenizer = prepare_models(student, tokenizer, teacher, teacher_tok,
                                keep_layers=spec.keep_layers, corpus=corpus,
-                               spell_ascii=spec.vocabulary == "corpus_ascii")
+                               spell_ascii=spec.vocabulary == "corpus_ascii",
+                               max_positions=spec.max_positions)
     max_length = recipe.data.max_length
     train_data = encode_examples(examples, tokenizer, task, max_length=max_length)
     dev_data = length_sorted(encode_examples(dev, tokenizer, task, max_length=max_length))
