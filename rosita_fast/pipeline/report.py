@@ -54,7 +54,6 @@ def describe_layout(model: nn.Module) -> str:
     return shape if positions is None else f"{shape} P{positions}"
 
 
-
 @torch.no_grad()
 def measure_latency(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                     threads: int = 1, max_length: int = 128) -> float:
@@ -154,6 +153,11 @@ def _trained_on(outcome: Any) -> str:
     return ", ".join(parts)
 
 
+def _share(value: float | None, teacher: float | None) -> float | None:
+    """``value`` as a fraction of the teacher's; ``None`` where either is missing or zero."""
+    return value / teacher if value is not None and teacher else None
+
+
 def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Example], *,
                  log: Callable[[str], None] = print,
                  baseline: dict[str, Any] | None = None,
@@ -180,11 +184,8 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
     teacher = next(r for r in rows if r["stage"] == teacher_name)
     for r in rows:
         r["ratio"] = teacher["parameters"] / r["parameters"]
-        r["retained"] = (r["metric"] / teacher["metric"]
-                         if r["metric"] is not None and teacher["metric"] else None)
-        r["external_retained"] = (r["external_metric"] / teacher["external_metric"]
-                                  if r["external_metric"] is not None
-                                  and teacher["external_metric"] else None)
+        r["retained"] = _share(r["metric"], teacher["metric"])
+        r["external_retained"] = _share(r["external_metric"], teacher["external_metric"])
     metric = task.main_metric
     total_wall = sum(s.wall_seconds for s in result.stages) / 60
     base = baseline["stages"] if baseline else {}
