@@ -133,11 +133,18 @@ def test_write_then_read_round_trip_and_no_silent_overwrite(tmp_path, task):
                      None if e.text_b is None else e.text_b.replace("\t", " "), e.label)
              for e in examples]
     assert back == clean
+    # Sources travel in a "source" column; rows without one read back as None.
+    sourced = [Example(e.guid, e.text_a, e.text_b, e.label, None if i % 3 else f"src\t{i}")
+               for i, e in enumerate(examples)]
+    write_glue_tsv(tmp_path / "sourced" / "train_aug.tsv", task, sourced)
+    assert load_examples(task, "train_aug", tmp_path / "sourced") == [
+        Example(c.guid, c.text_a, c.text_b, c.label, None if i % 3 else f"src {i}")
+        for i, c in enumerate(clean)]
     with pytest.raises(FileExistsError):
         write_glue_tsv(path, task, examples)
     write_glue_tsv(path, task, examples[:3], overwrite=True)
     assert len(load_examples(task, "train_aug", tmp_path)) == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["train_aug.tsv"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sourced", "train_aug.tsv"]  # no tmp
 
 
 def test_write_rejects_mixed_or_invalid_labels(tmp_path):

@@ -27,6 +27,7 @@ def test_sst2_splits_match_an_independent_parse():
         examples = load_examples("sst-2", split, GLUE / "SST-2")
         assert [(e.text_a, e.label) for e in examples] == [(r[0], int(r[1])) for r in rows[1:]]
         assert {e.label for e in examples} == {0, 1}
+        assert all(e.source is None for e in examples)
     test_rows = _raw_rows(GLUE / "SST-2" / "test.tsv")
     test = load_examples("sst-2", "test", GLUE)
     assert [e.text_a for e in test] == [r[1] for r in test_rows[1:]]
@@ -38,6 +39,8 @@ def test_cola_headerless_files_match_an_independent_parse():
         rows = _raw_rows(GLUE / "CoLA" / f"{split}.tsv")
         examples = load_examples("cola", split, GLUE)
         assert [(e.text_a, e.label) for e in examples] == [(r[3], int(r[1])) for r in rows]
+        # The first column names the publication each sentence comes from.
+        assert [e.source for e in examples] == [r[0] for r in rows]
     test = load_examples("cola", "test", GLUE)
     assert len(test) == len(_raw_rows(GLUE / "CoLA" / "test.tsv")) - 1
 

@@ -30,6 +30,8 @@ class GlueTask:
         split_files: split name -> TSV file stem, for splits whose file is not ``<split>.tsv``.
         hub_splits: split name -> hub split name.
         positional_layout: ``(n_columns, text_index, label_index)`` for headerless files (CoLA).
+        source_index: column of a headerless file that names each row's source (CoLA: 0), read
+            into :attr:`Example.source`; ``None``: the files name none.
         max_seq_length: the method's default sequence length (method 5.1).
         train_batch_size: the method's default training batch size (method 5.1).
         augment_n: sentences generated per text field by augmentation (method 5.3).
@@ -51,6 +53,7 @@ class GlueTask:
         default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"}, hash=False
     )
     positional_layout: tuple[int, int, int] | None = None
+    source_index: int | None = None
     max_seq_length: int = 128
     train_batch_size: int = 64
     augment_n: int = 20
@@ -114,7 +117,8 @@ _register(GlueTask(
     label_names=("unacceptable", "acceptable"), tsv_labels=_BINARY,
     metrics=("mcc", "acc"), main_metric="mcc", hub_config="cola", hub_text_columns=("sentence",),
     # train/dev ship without a header: source, label, original mark, sentence.
-    positional_layout=(4, 3, 1), max_seq_length=64, train_batch_size=32, augment_n=30,
+    positional_layout=(4, 3, 1), source_index=0, max_seq_length=64, train_batch_size=32,
+    augment_n=30,
 ))
 _register(GlueTask(
     name="sst-2", dir_name="SST-2", text_columns=("sentence",), label_column="label",

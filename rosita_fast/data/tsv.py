@@ -19,6 +19,8 @@ from .tasks import GlueTask, get_task
 
 # STS-B scores are similarities on a 0..5 scale; anything else means a wrong column or file.
 _STSB_RANGE = (0.0, 5.0)
+# Optional column of headed files: Example.source (CoLA's headerless files have it positionally).
+SOURCE_COLUMN = "source"
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -91,6 +93,7 @@ def read_glue_tsv(
     if all(name in header for name in task.text_columns):
         text_idx = [header.index(name) for name in task.text_columns]
         label_idx = header.index(task.label_column) if task.label_column in header else None
+        source_idx = header.index(SOURCE_COLUMN) if SOURCE_COLUMN in header else None
         exact_cols: int | None = None
         data_rows: Iterable[tuple[int, str]] = rows
     elif task.positional_layout is not None:
@@ -102,6 +105,7 @@ def read_glue_tsv(
                 f"found {len(header)} columns"
             )
         text_idx, label_idx = [text_col], label_col
+        source_idx = task.source_index
         exact_cols = n_cols
         data_rows = _chain(first, rows)
     else:
@@ -113,7 +117,8 @@ def read_glue_tsv(
     if label_idx is None and require_labels:
         raise DataError(f"{path}:1: no {task.label_column!r} column; this split needs labels")
 
-    needed = max([*text_idx, -1 if label_idx is None else label_idx]) + 1
+    needed = max([*text_idx, -1 if label_idx is None else label_idx,
+                  -1 if source_idx is None else source_idx]) + 1
     examples: list[Example] = []
     skipped = 0
     for lineno, line in data_rows:
@@ -136,6 +141,7 @@ def read_glue_tsv(
             text_a=texts[0],
             text_b=texts[1] if len(texts) > 1 else None,
             label=label,
+            source=None if source_idx is None else fields[source_idx] or None,
         ))
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} malformed rows", stacklevel=2)
@@ -163,9 +169,10 @@ def write_glue_tsv(
 ) -> Path:
     """Write examples as a headed GLUE TSV that :func:`read_glue_tsv` reads back unchanged.
 
-    Used for augmented training sets (``train_aug.tsv``). The file is written to a temporary name
-    and renamed, so an interrupted write never leaves a truncated file behind. Tabs and newlines
-    inside texts are replaced by spaces.
+    Used for augmented training sets (``train_aug.tsv``). When any example has a ``source``,
+    the file gets a ``source`` column (empty for ``None``, which reads back as ``None``). The
+    file is written to a temporary name and renamed, so an interrupted write never leaves a
+    truncated file behind. Tabs and newlines inside texts are replaced by spaces.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
@@ -180,7 +187,9 @@ def write_glue_tsv(
     if len(labelled) > 1:
         raise DataError(f"{path}: cannot mix labelled and unlabelled examples in one file")
     with_labels = labelled == {True}
+    with_sources = any(ex.source is not None for ex in rows)
     header = list(task.text_columns) + ([task.label_column] if with_labels else [])
+    header += [SOURCE_COLUMN] if with_sources else []
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -192,6 +201,8 @@ def write_glue_tsv(
                     fields.append(_clean(ex.text_b or ""))
                 if with_labels:
                     fields.append(_format_label(task, ex.label, ex.guid))
+                if with_sources:
+                    fields.append(_clean(ex.source or ""))
                 handle.write("\t".join(fields) + "\n")
         os.replace(tmp, path)
     finally:

@@ -80,39 +80,100 @@ def sample_examples(examples: list[Example], n: int | None, seed: int) -> list[E
 
 
 def validation_split(examples: list[Example], size: int, seed: int,
-                     is_regression: bool = False) -> tuple[list[Example], list[Example]]:
-    """``(rest, validation)``: ``size`` examples drawn with ``seed``, stratified by label (each
-    label keeps its share, rounded so the shares add up to ``size``; regression: a plain draw),
-    and the others, both in their original order. ``size == 0``: ``(examples, [])``.
+                     is_regression: bool = False, unseen_sources: float = 0.0
+                     ) -> tuple[list[Example], list[Example]]:
+    """``(rest, validation)``: ``size`` examples drawn with ``seed`` and the others, both in
+    their original order. ``size == 0``: ``(examples, [])``.
+
+    With ``unseen_sources`` > 0, about that share of the ``size`` rows are whole sources
+    (:attr:`Example.source`) held out of training: sources are taken in a seeded order, each
+    one that still fits under the share, so no row of theirs is left to train on. Dev sets
+    whose sentences come partly from publications the training file never quotes (CoLA's
+    out-of-domain half) are then mirrored by the validation split; rows drawn from sources
+    that also train would flatter every model that memorises the training file's minimal pairs.
+    The remaining rows are drawn from the other sources' rows, stratified by label (each label
+    keeps its share, rounded so the shares add up; regression: a plain draw).
 
     Raises:
-        PipelineError: ``size`` leaves fewer than half of the examples for training.
+        PipelineError: ``size`` leaves fewer than half of the examples for training;
+            ``unseen_sources`` is outside ``[0, 1)`` or some example has no source; or no
+            source is small enough to hold out.
     """
+    if not 0.0 <= unseen_sources < 1.0:
+        raise PipelineError(f"unseen_sources must be in [0, 1); got {unseen_sources}")
     if size == 0:
         return examples, []
     if 2 * size > len(examples):
         raise PipelineError(f"a validation split of {size} rows leaves too little of the "
                             f"{len(examples)} training examples (set data.validation_size)")
     rng = np.random.default_rng(seed)
-    if is_regression:
-        chosen = set(rng.permutation(len(examples))[:size].tolist())
-    else:
-        by_label: dict[Any, list[int]] = {}
-        for i, ex in enumerate(examples):
-            by_label.setdefault(ex.label, []).append(i)
-        labels = sorted(by_label, key=str)
-        exact = [size * len(by_label[k]) / len(examples) for k in labels]
-        counts = [int(x) for x in exact]
-        # Largest remainders get the rows the rounding down left over.
-        for j in sorted(range(len(labels)), key=lambda j: counts[j] - exact[j])[
-                : size - sum(counts)]:
-            counts[j] += 1
-        chosen = set()
-        for label, count in zip(labels, counts, strict=True):
-            idx = by_label[label]
-            chosen.update(idx[i] for i in rng.permutation(len(idx))[:count].tolist())
+    chosen: set[int] = set()
+    if unseen_sources > 0:
+        chosen = _unseen_source_rows(examples, round(size * unseen_sources), rng)
+    pool = [i for i in range(len(examples)) if i not in chosen]
+    chosen.update(_draw(examples, pool, size - len(chosen), rng, is_regression))
     rest = [ex for i, ex in enumerate(examples) if i not in chosen]
     return rest, [ex for i, ex in enumerate(examples) if i in chosen]
+
+
+def held_out_sources(rest: list[Example], validation: list[Example]) -> dict[str, int]:
+    """Sources of the validation rows that no training row shares, with their row counts."""
+    training = {ex.source for ex in rest}
+    counts: dict[str, int] = {}
+    for ex in validation:
+        if ex.source is not None and ex.source not in training:
+            counts[ex.source] = counts.get(ex.source, 0) + 1
+    return counts
+
+
+def _unseen_source_rows(examples: list[Example], target: int, rng: np.random.Generator
+                        ) -> set[int]:
+    missing = sum(ex.source is None for ex in examples)
+    if missing:
+        raise PipelineError(f"a validation split of unseen sources needs every row's source; "
+                            f"{missing} of {len(examples)} training rows have none (only files "
+                            "that name sources, such as CoLA's GLUE TSVs, have them)")
+    rows: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        rows.setdefault(ex.source, []).append(i)
+    # Holding out every source would leave training with none of its kind.
+    names = sorted(rows)
+    chosen: list[int] = []
+    for j in rng.permutation(len(names)).tolist():
+        if len(rows[names[j]]) <= target - len(chosen) and len(chosen) + len(
+                rows[names[j]]) < len(examples) // 2:
+            chosen.extend(rows[names[j]])
+    if not chosen:
+        smallest = min(len(r) for r in rows.values())
+        raise PipelineError(f"no source fits in {target} validation rows (the smallest has "
+                            f"{smallest}); raise data.validation_size or "
+                            "data.validation_unseen_sources")
+    if len({examples[i].source for i in chosen}) == len(rows):
+        raise PipelineError("the validation split would hold out every source")
+    return set(chosen)
+
+
+def _draw(examples: list[Example], pool: list[int], size: int, rng: np.random.Generator,
+          is_regression: bool) -> list[int]:
+    if size <= 0:
+        return []
+    if is_regression:
+        return [pool[i] for i in rng.permutation(len(pool))[:size].tolist()]
+    by_label: dict[Any, list[int]] = {}
+    for i in pool:
+        by_label.setdefault(examples[i].label, []).append(i)
+    labels = sorted(by_label, key=str)
+    exact = [size * len(by_label[k]) / len(pool) for k in labels]
+    counts = [int(x) for x in exact]
+    # Largest remainders get the rows the rounding down left over.
+    for j in sorted(range(len(labels)), key=lambda j: counts[j] - exact[j])[
+            : size - sum(counts)]:
+        counts[j] += 1
+    out: list[int] = []
+    for label, count in zip(labels, counts, strict=True):
+        idx = by_label[label]
+        out.extend(idx[i] for i in rng.permutation(len(idx))[:count].tolist())
+    return out
 
 
 def load_model(path: str | Path, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
@@ -209,7 +270,8 @@ def augmented_examples(task: GlueTask, train: list[Example], spec: AugmentSpec,
     """
     if cache.exists():
         rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
-        return [Example(r["guid"], r["text_a"], r["text_b"], r["label"]) for r in rows]
+        return [Example(r["guid"], r["text_a"], r["text_b"], r["label"], r.get("source"))
+                for r in rows]
     from ..data import augment_examples
     substitutes = (_embedding_substitutes(train, spec, model_source)
                    if spec.source == "embedding" else _mlm_substitutes(spec))
@@ -218,6 +280,7 @@ def augmented_examples(task: GlueTask, train: list[Example], spec: AugmentSpec,
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"guid": e.guid, "text_a": e.text_a, "text_b": e.text_b,
-                                       "label": e.label}) + "\n" for e in out), encoding="utf-8")
+                                       "label": e.label, "source": e.source}) + "\n"
+                           for e in out), encoding="utf-8")
     tmp.replace(cache)
     return out

@@ -109,6 +109,11 @@ class DataSpec:
             ``None``: a tenth of the training data, at most 1,000 rows. ``0``: no split, the
             stages select on dev (an optimistic dev figure; the report says so).
         validation_seed: seed of the validation split.
+        validation_unseen_sources: the share of the validation rows that are whole sources
+            held out of training (:func:`~rosita_fast.pipeline.inputs.validation_split`), for
+            tasks whose files name each sentence's source (CoLA). GLUE's CoLA dev set is half
+            sentences from publications the training file never quotes; ``0.5`` gives the
+            validation split the same mix. ``0``: rows are drawn from every source.
     """
 
     max_length: int | None = None
@@ -118,9 +123,13 @@ class DataSpec:
     augment: AugmentSpec | None = None
     validation_size: int | None = None
     validation_seed: int = 42
+    validation_unseen_sources: float = 0.0
 
     def __post_init__(self) -> None:
         _typecheck(self, "data")
+        if not 0.0 <= self.validation_unseen_sources < 1.0:
+            raise RecipeError("data.validation_unseen_sources must be in [0, 1); got "
+                              f"{self.validation_unseen_sources}")
         if self.validation_size is not None and self.validation_size < 0:
             raise RecipeError(f"data.validation_size must be >= 0; got {self.validation_size}")
         for name in ("max_length", "train_subset"):

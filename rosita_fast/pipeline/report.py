@@ -194,10 +194,14 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         r["baseline_wall_minutes"] = None if seconds is None else seconds / 60
     on_validation = any(r["validation_metric"] is not None for r in rows)
     ext_name = recipe.report.external
+    unseen = getattr(result, "validation_sources", None) or {}
+    unseen_text = "" if not unseen else (
+        f", {sum(unseen.values())} of them the whole of {len(unseen)} source(s) that no "
+        f"training row comes from ({', '.join(sorted(unseen))})")
     selection = (f"Every stage selects its checkpoint by {metric} on a validation split of "
-                 f"{rows[0]['validation_rows']} training rows that no stage trains on (`val "
-                 f"{metric}`); dev is evaluated once, on the selected model, and is the figure "
-                 "`% of teacher` and the plot use. " if on_validation else
+                 f"{rows[0]['validation_rows']} training rows that no stage trains on"
+                 f"{unseen_text} (`val {metric}`); dev is evaluated once, on the selected "
+                 "model, and is the figure `% of teacher` and the plot use. " if on_validation else
                  f"Every stage selected its checkpoint by dev {metric} (no validation split): "
                  "the dev figures are optimistic. ")
     lines = [f"# {recipe.name} on {task.name}", "",

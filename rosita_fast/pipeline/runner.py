@@ -37,6 +37,7 @@ from .batching import LengthGroupedChunks, flatten_collator, length_sorted
 from .errors import PipelineError
 from .inputs import (
     augmented_examples,
+    held_out_sources,
     load_model,
     load_split,
     prepare_models,
@@ -88,6 +89,8 @@ class PipelineResult:
     stages: list[StageOutcome] = field(default_factory=list)
     complete: bool = False
     report: Path | None = None
+    validation_sources: dict[str, int] = field(default_factory=dict)
+    """Sources held out of training whole for the validation split, with their row counts."""
 
 
 class _State:
@@ -218,7 +221,12 @@ def run_pipeline(
         external = external_examples(recipe.report.external, task.name, [
             t for ex in (*train_all, *dev) for t in (ex.text_a, ex.text_b) if t])
     train_all, validation = validation_split(train_all, size, recipe.data.validation_seed,
-                                             task.is_regression)
+                                             task.is_regression,
+                                             recipe.data.validation_unseen_sources)
+    unseen = held_out_sources(train_all, validation)
+    if unseen:
+        log(f"validation: {len(validation)} rows, {sum(unseen.values())} of them from sources "
+            f"no stage trains on ({', '.join(f'{k} {v}' for k, v in sorted(unseen.items()))})")
     train = sample_examples(train_all, recipe.data.train_subset, recipe.data.subset_seed)
     model_config = _model_config(model_source)
     check_schedules(recipe, configs, model_config, len(train))
@@ -227,7 +235,7 @@ def run_pipeline(
                 "model": model_source}
     state = _State(output_dir / STATE_FILE, identity)
     _prepare_output(output_dir, state, overwrite=overwrite, resume=resume)
-    result = PipelineResult(output_dir)
+    result = PipelineResult(output_dir, validation_sources=unseen)
     # One cache of teacher outputs for the run: a stage with the same teacher and data as an
     # earlier one reuses its entries (the cache empties itself for a new teacher or data).
     teacher_cache = TeacherCache()
