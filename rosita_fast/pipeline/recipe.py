@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..data import UnknownTaskError, get_task
+from ..data import GlueTask, UnknownTaskError, get_task
 from ..train import TrainConfig, TrainConfigError
 from ..train.typecheck import check_fields, reject_unknown
 from .errors import RecipeError
@@ -264,6 +264,10 @@ class Recipe:
     def teacher_stage(self) -> str:
         """The stage marked as teacher in the report."""
         return self.report.teacher or self.stages[0].name
+
+    def max_length(self, task: GlueTask) -> int:
+        """The longest input in tokens: ``data.max_length``, else ``task``'s method value."""
+        return self.data.max_length or task.max_seq_length
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (what a recipe file holds)."""

@@ -117,7 +117,7 @@ def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe,
          external: Sequence[Example] | None = None) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(str(outcome.model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(outcome.model_dir))
-    max_length = recipe.data.max_length or task.max_seq_length
+    max_length = recipe.max_length(task)
     ext = None if not external else score(model, tokenizer, task, external,
                                           max_length)[task.main_metric]
     shape, parameters = describe_layout(model), count_parameters(model)
@@ -194,7 +194,7 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
         r["baseline_wall_minutes"] = None if seconds is None else seconds / 60
     on_validation = any(r["validation_metric"] is not None for r in rows)
     ext_name = recipe.report.external
-    unseen = getattr(result, "validation_sources", None) or {}
+    unseen = result.validation_sources
     unseen_text = "" if not unseen else (
         f", {sum(unseen.values())} of them the whole of {len(unseen)} source(s) that no "
         f"training row comes from ({', '.join(sorted(unseen))})")

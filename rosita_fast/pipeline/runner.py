@@ -230,7 +230,7 @@ def run_pipeline(
     train = sample_examples(train_all, recipe.data.train_subset, recipe.data.subset_seed)
     model_config = _model_config(model_source)
     check_schedules(recipe, configs, model_config, len(train))
-    check_positions(recipe, recipe.data.max_length or task.max_seq_length, model_config)
+    check_positions(recipe, recipe.max_length(task), model_config)
     identity = {"recipe": recipe.to_dict(), "data": _describe_source(data_path, task),
                 "model": model_source}
     state = _State(output_dir / STATE_FILE, identity)
