@@ -16,7 +16,9 @@ from rosita_fast.pipeline import PipelineError, RecipeError, recipe_from_dict, r
 
 
 def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa: F811
-    recipe = recipe_from_dict(tiny_recipe(tiny_setup["model"]))
+    spec = tiny_recipe(tiny_setup["model"])
+    spec["stages"][-1]["train"]["weight_average_decay"] = 0.9
+    recipe = recipe_from_dict(spec)
     out = tiny_setup["root"] / "run"
     result = run_pipeline(recipe, out, data_dir=tiny_setup["data"], progress=False,
                           log=lambda _: None)
@@ -50,8 +52,11 @@ def test_tiny_rosita_pipeline_writes_models_table_and_plot(tiny_setup):  # noqa:
         "fast, fused AdamW, first-token last layer",  # fine-tuning: no KD, no teacher
         "fast, fused KD, fused AdamW, cache, first-token last layer",
         "fast, fused KD, fused AdamW, cache, first-token last layer",
-        "fast, fused KD, fused AdamW, cache",
+        "fast, fused KD, fused AdamW, cache, weight average 0.9",
     ]
+    log = [json.loads(line) for line in (out / "stages" / "width" / "eval_log.jsonl")
+           .read_text(encoding="utf-8").splitlines()]
+    assert {r["weights"] for r in log} == {"average"}
     assert "latency ms (fast)" in table and "trained on" in table
     assert data[-1]["ratio"] > 1.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -132,15 +132,23 @@ def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe,
             "external_metric": ext,
             "latency_ms": latency["stock"],
             "latency_fast_ms": latency["fast"],
-            "trained_on": _trained_on(outcome),
+            "trained_on": _trained_on(outcome, _average_decay(recipe, outcome.name)),
             "wall_minutes": None if wall is None else wall / 60}
 
 
-def _trained_on(outcome: Any) -> str:
+def _average_decay(recipe: Recipe, stage: str) -> float | None:
+    try:
+        return recipe.train_config(recipe.stage(stage)).weight_average_decay
+    except (KeyError, ValueError):  # a stage the recipe does not name (a hand-built result)
+        return None
+
+
+def _trained_on(outcome: Any, average_decay: float | None = None) -> str:
     modules = (outcome.fast_modules or {}).get("student", "stock")
+    averaged = [] if average_decay is None else [f"weight average {average_decay:g}"]
     paths = getattr(outcome, "paths", None)
     if paths is None:  # a record from before the paths were recorded
-        return modules
+        return ", ".join([modules, *averaged])
     parts = [modules]
     if paths.get("distils", True):
         parts.append("fused KD" if paths.get("fused_losses") else "reference KD")
@@ -150,7 +158,7 @@ def _trained_on(outcome: Any) -> str:
         parts.append("cache")
     if paths.get("first_token"):
         parts.append("first-token last layer")
-    return ", ".join(parts)
+    return ", ".join(parts + averaged)
 
 
 def _share(value: float | None, teacher: float | None) -> float | None:
@@ -215,7 +223,9 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
              "losses (fused ops or the plain-PyTorch reference), `fused AdamW` where the "
              "optimizer ran as torch's fused kernel, `cache` where it used the "
              "teacher-output cache, and `first-token last layer` where the losses read only "
-             "logits, so the last layer computed the first position only. `wall min`: the stage "
+             "logits, so the last layer computed the first position only; `weight average d`: "
+             "the stage evaluated, selected and saved the moving average of its weights "
+             "(decay d) instead of the raw weights. `wall min`: the stage "
              "from loading its models to its final evaluation."
              + (f" `baseline wall min`: the same stage in the run in `{baseline['run_dir']}`."
                 if baseline else "")

@@ -146,6 +146,10 @@ class TrainConfig:
         checkpoint_every: write a resumable checkpoint every this many updates; ``None`` = after
             every evaluation.
         keep_checkpoints: how many resumable checkpoints to keep (the newest).
+        weight_average_decay: evaluate, select and save an exponential moving average of the
+            weights with this decay (in (0, 1); spans about ``1 / (1 - decay)`` updates,
+            restarted at every pruning event) instead of the raw weights; ``None`` = off. See
+            :class:`~.averaging.WeightAverage`.
         seed: seeds Python, NumPy and torch (plus the rank) and the data order.
         kd: the loss (:class:`~rosita_fast.distill.KDConfig`); plain fine-tuning is
             ``KDConfig(prediction_weight=0, gold_weight=1)``.
@@ -192,6 +196,7 @@ class TrainConfig:
     patience_steps: int | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 1
+    weight_average_decay: float | None = None
     seed: int = 42
     kd: KDConfig = field(default_factory=KDConfig)
     pruning: PruningConfig | None = None
@@ -227,6 +232,9 @@ class TrainConfig:
         for name in ("adam_epsilon", "max_grad_norm"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"train.{name} must be > 0 or null; got {value}")
+        _require(self.weight_average_decay is None or 0 < self.weight_average_decay < 1,
+                 f"train.weight_average_decay must be in (0, 1) or null; got "
+                 f"{self.weight_average_decay}")
         _require(self.num_workers >= 0, f"train.num_workers must be >= 0; got "
                  f"{self.num_workers}")
 

@@ -23,6 +23,7 @@ the whole global batch, whatever the sequence lengths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ from ..distill import (
 )
 from ..distill.teacher_cache import TeacherCache, fingerprint
 from .atomic import write_json_atomic
+from .averaging import WeightAverage
 from .bert_adam import BertAdam
 from .checkpoint import (
     BEST_MODEL_DIR,
@@ -396,6 +398,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config, names)
         self.lr_schedule = LRSchedule(config.lr_schedule, self.total_steps, self.warmup_steps)
         self.selection = ModelSelection(patience_steps=config.patience_steps)
+        self.average = (WeightAverage(self.model, config.weight_average_decay)
+                        if config.weight_average_decay is not None else None)
         self.schedule = None
         if config.pruning is not None:
             if state is None:
@@ -423,6 +427,12 @@ class Trainer:
         self.steps_done, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.pruning_end_step = state["pruning_end_step"]
+        if self.average is not None:
+            try:
+                self.average.load_state_dict(state["weight_average"], self.model)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"the checkpoint's weight average cannot be restored: "
+                                      f"{exc}") from exc
         self.stopped_early = state["stopped_early"]
         self.saved_parameters = state["saved_parameters"]
         per_rank = state["per_rank"]
@@ -454,6 +464,7 @@ class Trainer:
             "lr_schedule": self.lr_schedule.state_dict(),
             "pruning": self.schedule.state_dict() if self.schedule else None,
             "pruning_end_step": self.pruning_end_step,
+            "weight_average": self.average.state_dict() if self.average else None,
             "selection": self.selection.state_dict(),
             "stopped_early": self.stopped_early,
             "saved_parameters": self.saved_parameters,
@@ -496,6 +507,8 @@ class Trainer:
             return
         if schedule.step(self.model, self.optimizer):
             self.lr_schedule.reanchor(self.steps_done)
+            if self.average is not None:
+                self.average.reset(self.model)
             self._wrap_model()
             progress.set_model(self.model)
             progress.write(f"step {self.steps_done}: pruned to {describe_shape(self.model)}, "
@@ -529,6 +542,8 @@ class Trainer:
             torch.autograd.graph.increment_version(
                 [p for g in self.optimizer.param_groups for p in g["params"]])
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(self.model)
         return result.loss.detach()
 
     def _teacher_outputs(self, inputs: dict[str, torch.Tensor],
@@ -608,14 +623,15 @@ class Trainer:
     def _evaluate_and_select(self, progress: StageProgress, train_loss: float | None) -> None:
         decision = None
         if self.dist.is_main:
-            metrics = evaluate(self.model, self._eval_loader(), self.task, self.device)
-            pruning_done = self.schedule is None or self.schedule.done
-            decision = self.selection.observe(
-                self.steps_done, metrics, self.metric, pruning_done=pruning_done,
-                pruning_end_step=self.pruning_end_step or 0)
-            if decision.save:
-                save_model(self.model, self.output_dir / BEST_MODEL_DIR, self.tokenizer)
-                self.saved_parameters = count_parameters(self.model)
+            with self._selected_weights():
+                metrics = evaluate(self.model, self._eval_loader(), self.task, self.device)
+                pruning_done = self.schedule is None or self.schedule.done
+                decision = self.selection.observe(
+                    self.steps_done, metrics, self.metric, pruning_done=pruning_done,
+                    pruning_end_step=self.pruning_end_step or 0)
+                if decision.save:
+                    save_model(self.model, self.output_dir / BEST_MODEL_DIR, self.tokenizer)
+                    self.saved_parameters = count_parameters(self.model)
             record = {
                 "step": self.steps_done,
                 "epoch": round(self.steps_done / self.steps_per_epoch, 4),
@@ -626,6 +642,7 @@ class Trainer:
                 "shape": describe_shape(self.model),
                 "parameters": count_parameters(self.model),
                 "pruning_done": pruning_done,
+                "weights": "average" if self.average is not None else "raw",
                 "saved": decision.save,
                 "best_metric": self.selection.best_metric,
                 "best_step": self.selection.best_step,
@@ -639,6 +656,12 @@ class Trainer:
         self.selection.load_state_dict(selection)
         if stop:
             self.stopped_early = True
+
+    def _selected_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The weights that are evaluated and saved: the running average where one is kept."""
+        if self.average is None:
+            return contextlib.nullcontext()
+        return self.average.applied(self.model)
 
     def _eval_loader(self) -> DataLoader:
         return DataLoader(self.eval_data, batch_size=self.config.eval_batch_size, shuffle=False,
@@ -654,7 +677,8 @@ class Trainer:
         model_dir = self.output_dir / BEST_MODEL_DIR
         if self.dist.is_main:
             if self.eval_data is None or not model_dir.exists():
-                save_model(self.model, model_dir, self.tokenizer)
+                with self._selected_weights():
+                    save_model(self.model, model_dir, self.tokenizer)
                 self.saved_parameters = count_parameters(self.model)
         for handle in self._quirk_handles:
             handle.remove()
