@@ -132,18 +132,12 @@ def _row(outcome: Any, task: GlueTask, dev: Sequence[Example], recipe: Recipe,
             "external_metric": ext,
             "latency_ms": latency["stock"],
             "latency_fast_ms": latency["fast"],
-            "trained_on": _trained_on(outcome, _average_decay(recipe, outcome.name)),
+            "trained_on": _trained_on(outcome, recipe.train_config(
+                recipe.stage(outcome.name)).weight_average_decay),
             "wall_minutes": None if wall is None else wall / 60}
 
 
-def _average_decay(recipe: Recipe, stage: str) -> float | None:
-    try:
-        return recipe.train_config(recipe.stage(stage)).weight_average_decay
-    except (KeyError, ValueError):  # a stage the recipe does not name (a hand-built result)
-        return None
-
-
-def _trained_on(outcome: Any, average_decay: float | None = None) -> str:
+def _trained_on(outcome: Any, average_decay: float | None) -> str:
     modules = (outcome.fast_modules or {}).get("student", "stock")
     averaged = [] if average_decay is None else [f"weight average {average_decay:g}"]
     paths = getattr(outcome, "paths", None)
