@@ -232,6 +232,39 @@ def test_calibration_is_measured_once_per_machine_and_shared(tmp_path):
     assert all(v > 0 for v in third["calibration_us"].values())
 
 
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: {family}
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse2 avx fma avx2{extra}
+
+processor\t: 1
+model name\t: something else entirely
+"""
+
+
+def test_machine_key_tells_apart_cpus_behind_one_model_name(tmp_path):
+    # VMs report a bare "AMD EPYC" for CPUs with and without AVX-512, whose faster GEMM library
+    # differs: a calibration cached on one must not be installed on the other.
+    from rosita_fast.ops._gemm_route import machine_key
+
+    def key(family: int, extra: str) -> str:
+        path = tmp_path / f"cpuinfo-{family}-{len(extra)}"
+        path.write_text(_CPUINFO.format(family=family, extra=extra))
+        return machine_key(path)
+
+    zen3, zen4 = key(25, ""), key(25, " avx512f avx512_bf16")
+    assert zen3 != zen4 and zen3 != key(26, "")
+    assert zen3 == key(25, "")  # stable for the same CPU
+    assert zen3.startswith("AMD EPYC (25/1/1; avx2,fma) |"), zen3
+    assert "avx512f,avx512_bf16" in zen4
+    assert "something else" not in zen3  # the first processor's fields only
+    # No readable cpuinfo: still a usable key.
+    assert "logical cores" in machine_key(tmp_path / "missing")
+
+
 @pytest.mark.parametrize("bad", [[1.0, 2.0, 3.0], [1.0, -1.0, 1.0, 1.0], [float("nan")] * 4])
 def test_bad_calibration_is_refused(bad):
     with pytest.raises(RuntimeError, match="set_gemm_calibration"):

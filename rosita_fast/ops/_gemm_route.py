@@ -7,9 +7,10 @@ are timed on a BERT-layer-sized product, for forward products and for the backwa
 separately, and oneDNN is kept for a kind only where it is at least 5 % faster. The timing runs
 once per machine (~0.2 s, on the first import of ``rosita_fast`` there) and is kept in
 ``<cache>/gemm_route.json`` (``$ROSITA_FAST_CACHE``, else ``~/.cache/rosita_fast``), keyed by the
-CPU model, its core count and the torch version; every later process installs it instead of
-timing again. So all processes on a machine route alike, which exact reproducibility needs (the
-two libraries round differently: a resumed or repeated run must compute what the first did).
+CPU (model name, family/model/stepping, vector extensions), its core count and the torch version;
+every later process installs it instead of timing again. So all processes on a machine route
+alike, which exact reproducibility needs (the two libraries round differently: a resumed or
+repeated run must compute what the first did).
 Delete the file to measure again.
 
 ``"onednn"`` and ``"aten"`` force one library (small products always go to ATen, and bf16 always
@@ -88,18 +89,43 @@ CACHE_FILE = "gemm_route.json"
 _TIMINGS = ("forward_onednn", "forward_aten", "backward_onednn", "backward_aten")
 
 
-def machine_key() -> str:
-    """What the cached calibration is keyed by: the CPU model, logical cores, torch version."""
-    model = platform.processor() or platform.machine()
+def machine_key(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """What the cached calibration is keyed by: the CPU (model name, family/model/stepping and
+    its widest vector extensions), logical cores and torch version.
+
+    The model name alone is not enough: virtual machines often report a bare ``AMD EPYC``, which
+    covers CPUs with and without AVX-512 whose fastest library differs (oneDNN ran this project's
+    calibration product 2x faster than ATen on a Zen 5 and slower on a Zen 3, both "AMD EPYC").
+    """
+    fields = _cpuinfo_fields(Path(cpuinfo),
+                             ("model name", "cpu family", "model", "stepping", "flags"))
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = ",".join(f for f in _ISA_FLAGS if f in flags) or "-"
+    ident = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return (f"{name} ({ident}; {isa}) | {os.cpu_count()} logical cores | "
+            f"torch {torch.__version__}")
+
+
+#: The vector extensions whose presence changes which GEMM library is faster.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def _cpuinfo_fields(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """The first value of each of ``keys`` in a ``/proc/cpuinfo`` file (none if unreadable)."""
+    out: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                key = key.strip()
+                if sep and key in keys and key not in out:
+                    out[key] = value.strip()
+                if len(out) == len(keys):
                     break
     except OSError:
         pass
-    return f"{model} | {os.cpu_count()} logical cores | torch {torch.__version__}"
+    return out
 
 
 def cache_file() -> Path:
