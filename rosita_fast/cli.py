@@ -24,7 +24,7 @@ rosita_fast: compress BERT-family models with the ROSITA method (knowledge disti
 iterative depth and width pruning, vocabulary pruning and embedding factorization).
 
 The main job is `rosita compress` with no recipe argument: ROSITA on all-MiniLM-L6-v2 for SST-2,
-about 25 minutes on 2 CPU cores. Run `rosita <command> --help` for each command."""
+17-40 minutes on 2 CPU cores (by CPU). Run `rosita <command> --help` for each command."""
 
 _FINETUNE = """\
 Fine-tune a model on a GLUE task with gold labels (a one-stage pipeline of kind `finetune`,
@@ -41,7 +41,7 @@ and with the fast modules) and report.png
 (metric vs parameters) into the output directory. Each stage is checkpointed; --resume
 continues a killed or --stop-after'ed run.
 
-How long: the built-in `minilm-sst2` (the default) takes about 25 minutes on 2 CPU cores
+How long: the built-in `minilm-sst2` (the default) takes 17-40 minutes on 2 CPU cores, by CPU
 (budgeted for at most 60); the method-faithful `setting1`..`setting4` recipes train for the
 paper's epochs and take days on a CPU (hours on a GPU)."""
 
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sequence (default: the task's, 64 for SST-2)")
 
     p = sub.add_parser("compress", help="run a compression recipe, write the report "
-                       "(main job: ~25 min on 2 CPU cores)", description=_COMPRESS,
+                       "(main job: 17-40 min on 2 CPU cores)", description=_COMPRESS,
                        formatter_class=fmt)
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE,
                    help=f"recipe file or built-in name (default {DEFAULT_RECIPE}); see --list")

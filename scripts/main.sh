@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (idempotent), then run the main job: ROSITA on all-MiniLM-L6-v2 for SST-2 (recipe
-# rosita_fast/recipes/minilm-sst2.yaml), about 25 minutes on 2 CPU cores (at most 60). The
+# rosita_fast/recipes/minilm-sst2.yaml), 17-40 minutes on 2 CPU cores by CPU (at most 60). The
 # report goes to runs/minilm-sst2/report.md and report.png. Extra arguments go to `rosita compress`, e.g.
 #   bash scripts/main.sh --data-dir /path/to/SST-2 --output-dir runs/other --overwrite
 #   bash scripts/main.sh --resume          (continue a killed run)
