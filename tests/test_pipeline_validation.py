@@ -206,3 +206,106 @@ def test_unseen_sources_on_files_without_sources_fail_before_training(tiny_setup
         run_pipeline(recipe, out, data_dir=tiny_setup["data"], progress=False,
                      log=lambda _: None)
     assert not out.exists()
+
+
+def _treebank(seed: int, sentences: int = 60) -> list[Example]:
+    # SST-2's layout: whole sentences and phrases of them (contiguous runs of words, some
+    # shared between sentences, some repeated), labelled independently.
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(12)]
+    rows: list[str] = []
+    for _ in range(sentences):
+        sentence = [rng.choice(words) for _ in range(rng.randint(3, 14))]
+        rows.append(" ".join(sentence))
+        for _ in range(rng.randint(0, 6)):
+            a = rng.randrange(len(sentence))
+            rows.append(" ".join(sentence[a:rng.randint(a + 1, len(sentence))]))
+    rows.append(rows[0])  # a repeated row, whole or not
+    return [Example(f"t{i}", text if i % 3 else f" {text}  ", None, int(rng.random() < 0.6))
+            for i, text in enumerate(rows)]
+
+
+def _inside(small: str, big: str) -> bool:
+    return f" {' '.join(small.split())} " in f" {' '.join(big.split())} "
+
+
+@pytest.mark.parametrize("size", [1, 7, 20])
+def test_whole_sentence_split_holds_out_sentences_and_their_phrases(size, seed):
+    examples = _treebank(seed)
+    rest, val = validation_split(examples, size, seed, whole_sentences=True)
+    assert len(val) == size
+    val_ids = {e.guid for e in val}
+    for v in val:  # whole: no other row, repeats of it aside, contains it
+        assert not any(_inside(v.text_a, e.text_a) and v.text_a.split() != e.text_a.split()
+                       for e in examples)
+    assert len({" ".join(v.text_a.split()) for v in val}) == size
+    # Exactly the rows inside no validation sentence stay in training, in their order.
+    expected = [e for e in examples
+                if e.guid not in val_ids and not any(_inside(e.text_a, v.text_a) for v in val)]
+    assert rest == expected
+    assert [e.guid for e in val] == [e.guid for e in examples if e.guid in val_ids]
+    total, drawn = Counter(e.label for e in examples), Counter(e.label for e in val)
+    for label, count in total.items():
+        assert abs(drawn[label] - size * count / len(examples)) < 1.0
+    assert validation_split(examples, size, seed, whole_sentences=True) == (rest, val)
+
+
+def test_whole_sentences_are_matched_by_whole_words():
+    # "w1 w2" sits inside "ww1 w2 w3" as characters but not as words: it is whole.
+    examples = [Example("a", "w1 w2", None, 0), Example("b", "ww1 w2 w3", None, 0),
+                Example("c", "w2 w3", None, 0), Example("d", "w2", None, 1),
+                Example("e", "w4 w2 w5", None, 1), Example("f", "w9", None, 1)]
+    rest, val = validation_split(examples, 1, 0, whole_sentences=True)
+    held = val[0].guid
+    assert held in {"a", "b", "e", "f"}  # "c" and "d" are phrases of other rows
+    inside = {"a": {"d"}, "b": {"c", "d"}, "e": {"d"}, "f": set()}[held]
+    assert {e.guid for e in rest} == set("abcdef") - {held} - inside
+
+
+def test_whole_sentence_split_errors():
+    examples = _treebank(0)
+    with pytest.raises(PipelineError, match="cannot also hold out whole sources"):
+        validation_split(examples, 5, 0, unseen_sources=0.5, whole_sentences=True)
+    with pytest.raises(PipelineError, match="single-sentence task"):
+        validation_split([Example(f"p{i}", f"a{i}", f"b{i}", i % 2) for i in range(20)], 5, 0,
+                         whole_sentences=True)
+    with pytest.raises(PipelineError, match="classification task"):
+        validation_split([Example(f"r{i}", f"a{i}", None, i / 3) for i in range(20)], 5, 0,
+                         is_regression=True, whole_sentences=True)
+    nested = [Example(f"n{i}", " ".join(["w"] * (i + 1)), None, i % 2) for i in range(20)]
+    with pytest.raises(PipelineError, match="whole sentences of label"):
+        validation_split(nested, 4, 0, whole_sentences=True)
+    with pytest.raises(RecipeError, match="cannot both be set"):
+        recipe_from_dict(tiny_recipe("model", data={"validation_whole_sentences": True,
+                                                    "validation_unseen_sources": 0.5}))
+    with pytest.raises(RecipeError, match="validation_whole_sentences"):
+        recipe_from_dict(tiny_recipe("model", data={"validation_whole_sentences": "yes"}))
+
+
+def test_pipeline_validates_on_whole_sentences_and_reports_them(tiny_setup, seed):  # noqa: F811
+    from test_pipeline_support import _sentence
+
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for i in range(60):
+        words = _sentence(rng, i % 2).split()
+        lines.append(f"{' '.join(words)}\t{i % 2}")
+        lines.append(f"{' '.join(words[1:])}\t{i % 2}")  # a phrase of it
+    data = tiny_setup["data"]
+    (data / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe = tiny_recipe(tiny_setup["model"], data={"max_length": 16, "validation_size": 20,
+                                                    "validation_whole_sentences": True})
+    recipe["stages"] = recipe["stages"][:1]
+    messages: list[str] = []
+    out = tiny_setup["root"] / "run"
+    result = run_pipeline(recipe_from_dict(recipe), out, data_dir=data, progress=False,
+                          log=messages.append)
+    line = next(m for m in messages if m.startswith("validation:"))
+    phrases = result.validation_phrases_out
+    # Each held-out sentence takes its own phrase along (and any equal row elsewhere).
+    assert phrases is not None and phrases >= 20
+    assert line == (f"validation: 20 whole sentences; {phrases} training rows inside them "
+                    "(their phrases) left out of training")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert (f"whole sentences (rows no other training row contains), with the {phrases} "
+            "training rows inside them") in report

@@ -80,10 +80,19 @@ def sample_examples(examples: list[Example], n: int | None, seed: int) -> list[E
 
 
 def validation_split(examples: list[Example], size: int, seed: int,
-                     is_regression: bool = False, unseen_sources: float = 0.0
+                     is_regression: bool = False, unseen_sources: float = 0.0,
+                     whole_sentences: bool = False
                      ) -> tuple[list[Example], list[Example]]:
     """``(rest, validation)``: ``size`` examples drawn with ``seed`` and the others, both in
     their original order. ``size == 0``: ``(examples, [])``.
+
+    With ``whole_sentences``, the validation rows are drawn (stratified by the training file's
+    label shares) among the rows that no other row contains as a run of whole words, and every
+    row contained in a validation row is left out of ``rest`` as well. SST-2's training file
+    holds every phrase of its parse trees (median 7 words) while its dev set is whole sentences
+    (median 19): a plain draw selects checkpoints on phrases, and a sentence whose phrases
+    still train would flatter the models that memorised them. So ``rest`` is shorter than
+    ``len(examples) - size`` by the phrases of the held-out sentences.
 
     With ``unseen_sources`` > 0, about that share of the ``size`` rows are whole sources
     (:attr:`Example.source`) held out of training: sources are taken in a seeded order, each
@@ -96,8 +105,9 @@ def validation_split(examples: list[Example], size: int, seed: int,
 
     Raises:
         PipelineError: ``size`` leaves fewer than half of the examples for training;
-            ``unseen_sources`` is outside ``[0, 1)`` or some example has no source; or no
-            source is small enough to hold out.
+            ``unseen_sources`` is outside ``[0, 1)`` or some example has no source; no
+            source is small enough to hold out; ``whole_sentences`` with ``unseen_sources``,
+            with sentence pairs or with a regression task; or too few whole sentences.
     """
     if not 0.0 <= unseen_sources < 1.0:
         raise PipelineError(f"unseen_sources must be in [0, 1); got {unseen_sources}")
@@ -106,6 +116,8 @@ def validation_split(examples: list[Example], size: int, seed: int,
     if 2 * size > len(examples):
         raise PipelineError(f"a validation split of {size} rows leaves too little of the "
                             f"{len(examples)} training examples (set data.validation_size)")
+    if whole_sentences:
+        return _whole_sentence_split(examples, size, seed, is_regression, unseen_sources)
     rng = np.random.default_rng(seed)
     chosen: set[int] = set()
     if unseen_sources > 0:
@@ -114,6 +126,77 @@ def validation_split(examples: list[Example], size: int, seed: int,
     chosen.update(_draw(examples, pool, size - len(chosen), rng, is_regression))
     rest = [ex for i, ex in enumerate(examples) if i not in chosen]
     return rest, [ex for i, ex in enumerate(examples) if i in chosen]
+
+
+def _words(text: str) -> str:
+    # Space-padded so that a containment test matches whole words only.
+    return " " + " ".join(text.split()) + " "
+
+
+def _whole_sentence_split(examples: list[Example], size: int, seed: int, is_regression: bool,
+                          unseen_sources: float) -> tuple[list[Example], list[Example]]:
+    if unseen_sources > 0:
+        raise PipelineError("a validation split of whole sentences cannot also hold out whole "
+                            "sources: set one of data.validation_whole_sentences and "
+                            "data.validation_unseen_sources")
+    if is_regression:
+        raise PipelineError("a validation split of whole sentences needs a classification task")
+    if any(ex.text_b is not None for ex in examples):
+        raise PipelineError("a validation split of whole sentences needs a single-sentence task "
+                            "(this one has sentence pairs)")
+    texts = [_words(ex.text_a) for ex in examples]
+    copies: dict[str, int] = {}
+    for t in texts:
+        copies[t] = copies.get(t, 0) + 1
+    # One string of every row, cut by newlines (which no padded text holds), so a row is whole
+    # when its padded text occurs no more often than the row itself is repeated.
+    corpus = "\n".join(texts)
+
+    def whole(i: int) -> bool:
+        pos = -1
+        for _ in range(copies[texts[i]] + 1):
+            pos = corpus.find(texts[i], pos + 1)
+            if pos < 0:
+                return True
+        return False
+
+    by_label: dict[Any, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex.label, []).append(i)
+    labels = sorted(by_label, key=str)
+    exact = [size * len(by_label[k]) / len(examples) for k in labels]
+    counts = [int(x) for x in exact]
+    for j in sorted(range(len(labels)), key=lambda j: counts[j] - exact[j])[
+            : size - sum(counts)]:
+        counts[j] += 1
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    seen: set[str] = set()  # a repeated text is held out once, whatever its copies' labels
+    for label, count in zip(labels, counts, strict=True):
+        idx = by_label[label]
+        # Tested lazily in a seeded order: a containment test scans the whole file, and about
+        # one SST-2 row in ten is a whole sentence.
+        found: list[int] = []
+        for k in rng.permutation(len(idx)).tolist():
+            if len(found) == count:
+                break
+            t = texts[idx[k]]
+            if t not in seen and whole(idx[k]):
+                seen.add(t)
+                found.append(idx[k])
+        if len(found) < count:
+            raise PipelineError(f"only {len(found)} whole sentences of label {label!r} for "
+                                f"{count} validation rows; lower data.validation_size")
+        chosen.extend(found)
+    phrases: set[str] = set()
+    for i in chosen:
+        words = texts[i].split()
+        for a in range(len(words)):
+            for b in range(a + 1, len(words) + 1):
+                phrases.add(" " + " ".join(words[a:b]) + " ")
+    picked = set(chosen)
+    rest = [ex for i, ex in enumerate(examples) if i not in picked and texts[i] not in phrases]
+    return rest, [ex for i, ex in enumerate(examples) if i in picked]
 
 
 def held_out_sources(rest: list[Example], validation: list[Example]) -> dict[str, int]:

@@ -114,6 +114,11 @@ class DataSpec:
             tasks whose files name each sentence's source (CoLA). GLUE's CoLA dev set is half
             sentences from publications the training file never quotes; ``0.5`` gives the
             validation split the same mix. ``0``: rows are drawn from every source.
+        validation_whole_sentences: draw the validation rows among the rows no other training
+            row contains (SST-2's whole sentences, the kind of text its dev set holds, where
+            the training file is mostly their phrases) and leave every phrase of them out of
+            training too (:func:`~rosita_fast.pipeline.inputs.validation_split`).
+            Single-sentence classification tasks only; not with ``validation_unseen_sources``.
     """
 
     max_length: int | None = None
@@ -124,9 +129,13 @@ class DataSpec:
     validation_size: int | None = None
     validation_seed: int = 42
     validation_unseen_sources: float = 0.0
+    validation_whole_sentences: bool = False
 
     def __post_init__(self) -> None:
         _typecheck(self, "data")
+        if self.validation_whole_sentences and self.validation_unseen_sources > 0:
+            raise RecipeError("data.validation_whole_sentences and "
+                              "data.validation_unseen_sources cannot both be set")
         if not 0.0 <= self.validation_unseen_sources < 1.0:
             raise RecipeError("data.validation_unseen_sources must be in [0, 1); got "
                               f"{self.validation_unseen_sources}")

@@ -200,6 +200,10 @@ def write_report(recipe: Recipe, result: Any, task: GlueTask, dev: Sequence[Exam
     unseen_text = "" if not unseen else (
         f", {sum(unseen.values())} of them the whole of {len(unseen)} source(s) that no "
         f"training row comes from ({', '.join(sorted(unseen))})")
+    if result.validation_phrases_out is not None:
+        unseen_text += (", whole sentences (rows no other training row contains), with the "
+                        f"{result.validation_phrases_out} training rows inside them (their "
+                        "phrases) left out of training too")
     selection = (f"Every stage selects its checkpoint by {metric} on a validation split of "
                  f"{rows[0]['validation_rows']} training rows that no stage trains on"
                  f"{unseen_text} (`val {metric}`); dev is evaluated once, on the selected "

@@ -91,6 +91,9 @@ class PipelineResult:
     report: Path | None = None
     validation_sources: dict[str, int] = field(default_factory=dict)
     """Sources held out of training whole for the validation split, with their row counts."""
+    validation_phrases_out: int | None = None
+    """With a validation split of whole sentences: the training rows inside them, left out of
+    training (``None`` otherwise)."""
 
 
 class _State:
@@ -220,9 +223,15 @@ def run_pipeline(
         # of the task's own files.
         external = external_examples(recipe.report.external, task.name, [
             t for ex in (*train_all, *dev) for t in (ex.text_a, ex.text_b) if t])
+    before = len(train_all)
     train_all, validation = validation_split(train_all, size, recipe.data.validation_seed,
                                              task.is_regression,
-                                             recipe.data.validation_unseen_sources)
+                                             recipe.data.validation_unseen_sources,
+                                             recipe.data.validation_whole_sentences)
+    phrases_out = before - len(train_all) - len(validation)
+    if recipe.data.validation_whole_sentences:
+        log(f"validation: {len(validation)} whole sentences; {phrases_out} training rows "
+            "inside them (their phrases) left out of training")
     unseen = held_out_sources(train_all, validation)
     if unseen:
         log(f"validation: {len(validation)} rows, {sum(unseen.values())} of them from sources "
@@ -235,7 +244,10 @@ def run_pipeline(
                 "model": model_source}
     state = _State(output_dir / STATE_FILE, identity)
     _prepare_output(output_dir, state, overwrite=overwrite, resume=resume)
-    result = PipelineResult(output_dir, validation_sources=unseen)
+    result = PipelineResult(output_dir, validation_sources=unseen,
+                            validation_phrases_out=(phrases_out if
+                                                    recipe.data.validation_whole_sentences
+                                                    else None))
     # One cache of teacher outputs for the run: a stage with the same teacher and data as an
     # earlier one reuses its entries (the cache empties itself for a new teacher or data).
     teacher_cache = TeacherCache()
