@@ -208,11 +208,11 @@ def test_unseen_sources_on_files_without_sources_fail_before_training(tiny_setup
     assert not out.exists()
 
 
-def _treebank(seed: int, sentences: int = 60) -> list[Example]:
+def _treebank(seed: int, sentences: int = 120) -> list[Example]:
     # SST-2's layout: whole sentences and phrases of them (contiguous runs of words, some
     # shared between sentences, some repeated), labelled independently.
     rng = random.Random(seed)
-    words = [f"w{i}" for i in range(12)]
+    words = [f"w{i}" for i in range(40)]
     rows: list[str] = []
     for _ in range(sentences):
         sentence = [rng.choice(words) for _ in range(rng.randint(3, 14))]
@@ -275,6 +275,12 @@ def test_whole_sentence_split_errors():
     nested = [Example(f"n{i}", " ".join(["w"] * (i + 1)), None, i % 2) for i in range(20)]
     with pytest.raises(PipelineError, match="whole sentences of label"):
         validation_split(nested, 4, 0, whole_sentences=True)
+    # Two sentences and all their phrases: holding one out takes most of the file along.
+    tree = [" ".join(f"{w}{k}" for k in range(a, b)) for w in "ab" for a in range(6)
+            for b in range(a + 1, 7)]
+    with pytest.raises(PipelineError, match="takes their phrases along and leaves"):
+        validation_split([Example(f"x{i}", t, None, int(t[0] == "a"))
+                          for i, t in enumerate(tree)], 2, 0, whole_sentences=True)
     with pytest.raises(RecipeError, match="cannot both be set"):
         recipe_from_dict(tiny_recipe("model", data={"validation_whole_sentences": True,
                                                     "validation_unseen_sources": 0.5}))

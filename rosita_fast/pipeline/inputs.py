@@ -196,6 +196,10 @@ def _whole_sentence_split(examples: list[Example], size: int, seed: int, is_regr
                 phrases.add(" " + " ".join(words[a:b]) + " ")
     picked = set(chosen)
     rest = [ex for i, ex in enumerate(examples) if i not in picked and texts[i] not in phrases]
+    if 2 * len(rest) < len(examples):
+        raise PipelineError(f"a validation split of {size} whole sentences takes their phrases "
+                            f"along and leaves {len(rest)} of the {len(examples)} training "
+                            "examples (lower data.validation_size)")
     return rest, [ex for i, ex in enumerate(examples) if i in picked]
 
 
