@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,20 +161,10 @@ def _whole_sentence_split(examples: list[Example], size: int, seed: int, is_regr
                 return True
         return False
 
-    by_label: dict[Any, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex.label, []).append(i)
-    labels = sorted(by_label, key=str)
-    exact = [size * len(by_label[k]) / len(examples) for k in labels]
-    counts = [int(x) for x in exact]
-    for j in sorted(range(len(labels)), key=lambda j: counts[j] - exact[j])[
-            : size - sum(counts)]:
-        counts[j] += 1
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     seen: set[str] = set()  # a repeated text is held out once, whatever its copies' labels
-    for label, count in zip(labels, counts, strict=True):
-        idx = by_label[label]
+    for label, idx, count in _label_quotas(examples, range(len(examples)), size):
         # Tested lazily in a seeded order: a containment test scans the whole file, and about
         # one SST-2 row in ten is a whole sentence.
         found: list[int] = []
@@ -193,7 +184,7 @@ def _whole_sentence_split(examples: list[Example], size: int, seed: int, is_regr
         words = texts[i].split()
         for a in range(len(words)):
             for b in range(a + 1, len(words) + 1):
-                phrases.add(" " + " ".join(words[a:b]) + " ")
+                phrases.add(_words(" ".join(words[a:b])))
     picked = set(chosen)
     rest = [ex for i, ex in enumerate(examples) if i not in picked and texts[i] not in phrases]
     if 2 * len(rest) < len(examples):
@@ -244,6 +235,16 @@ def _draw(examples: list[Example], pool: list[int], size: int, rng: np.random.Ge
         return []
     if is_regression:
         return [pool[i] for i in rng.permutation(len(pool))[:size].tolist()]
+    out: list[int] = []
+    for _, idx, count in _label_quotas(examples, pool, size):
+        out.extend(idx[i] for i in rng.permutation(len(idx))[:count].tolist())
+    return out
+
+
+def _label_quotas(examples: list[Example], pool: Sequence[int], size: int
+                  ) -> list[tuple[Any, list[int], int]]:
+    """``(label, rows of pool with it, rows to draw)`` per label, in a fixed label order: each
+    label's share of ``size`` rows as in ``pool``, rounded so the shares add up to ``size``."""
     by_label: dict[Any, list[int]] = {}
     for i in pool:
         by_label.setdefault(examples[i].label, []).append(i)
@@ -254,11 +255,7 @@ def _draw(examples: list[Example], pool: list[int], size: int, rng: np.random.Ge
     for j in sorted(range(len(labels)), key=lambda j: counts[j] - exact[j])[
             : size - sum(counts)]:
         counts[j] += 1
-    out: list[int] = []
-    for label, count in zip(labels, counts, strict=True):
-        idx = by_label[label]
-        out.extend(idx[i] for i in rng.permutation(len(idx))[:count].tolist())
-    return out
+    return [(k, by_label[k], c) for k, c in zip(labels, counts, strict=True)]
 
 
 def load_model(path: str | Path, num_labels: int, seed: int) -> tuple[nn.Module, Any]:

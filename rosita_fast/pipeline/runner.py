@@ -228,8 +228,9 @@ def run_pipeline(
                                              task.is_regression,
                                              recipe.data.validation_unseen_sources,
                                              recipe.data.validation_whole_sentences)
-    phrases_out = before - len(train_all) - len(validation)
-    if recipe.data.validation_whole_sentences:
+    phrases_out = (before - len(train_all) - len(validation)
+                   if recipe.data.validation_whole_sentences else None)
+    if phrases_out is not None:
         log(f"validation: {len(validation)} whole sentences; {phrases_out} training rows "
             "inside them (their phrases) left out of training")
     unseen = held_out_sources(train_all, validation)
@@ -245,9 +246,7 @@ def run_pipeline(
     state = _State(output_dir / STATE_FILE, identity)
     _prepare_output(output_dir, state, overwrite=overwrite, resume=resume)
     result = PipelineResult(output_dir, validation_sources=unseen,
-                            validation_phrases_out=(phrases_out if
-                                                    recipe.data.validation_whole_sentences
-                                                    else None))
+                            validation_phrases_out=phrases_out)
     # One cache of teacher outputs for the run: a stage with the same teacher and data as an
     # earlier one reuses its entries (the cache empties itself for a new teacher or data).
     teacher_cache = TeacherCache()
